@@ -1,0 +1,73 @@
+#!/usr/bin/env bash
+# Shared settings of the local stack: where state lives and which loopback ports it uses.
+# Sourced by the other deploy/local scripts; every value can be overridden by environment.
+
+set -euo pipefail
+
+LOCAL_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+REPO_ROOT="$(cd "$LOCAL_DIR/../.." && pwd)"
+
+# One git-ignored directory holds data, logs, pid files and downloaded jars.
+AUDIT_STATE_DIR="${AUDIT_STATE_DIR:-$REPO_ROOT/.state}"
+
+# Ports sit well away from the usual 8123/9000/9092 so a developer's own servers keep theirs.
+AUDIT_CLICKHOUSE_HTTP_PORT="${AUDIT_CLICKHOUSE_HTTP_PORT:-18123}"
+AUDIT_CLICKHOUSE_TCP_PORT="${AUDIT_CLICKHOUSE_TCP_PORT:-19000}"
+AUDIT_KAFKA_PORT="${AUDIT_KAFKA_PORT:-19092}"
+AUDIT_KAFKA_CONTROLLER_PORT="${AUDIT_KAFKA_CONTROLLER_PORT:-19093}"
+AUDIT_KAFKA_VERSION="${AUDIT_KAFKA_VERSION:-4.1.1}"
+AUDIT_KAFKA_HEAP="${AUDIT_KAFKA_HEAP:-512m}"
+
+CLICKHOUSE_DIR="$AUDIT_STATE_DIR/clickhouse"
+KAFKA_DIR="$AUDIT_STATE_DIR/kafka"
+KAFKA_LIB="$AUDIT_STATE_DIR/kafka-$AUDIT_KAFKA_VERSION/lib"
+
+# Topics the services use: name:partitions.
+AUDIT_TOPICS="${AUDIT_TOPICS:-identity.users.v1:6 identity.teams.v1:6 identity.auth.v1:6 audit.dlq.v1:3 audit.reads.v1:3}"
+
+export AUDIT_STATE_DIR AUDIT_CLICKHOUSE_HTTP_PORT AUDIT_CLICKHOUSE_TCP_PORT AUDIT_KAFKA_PORT
+
+log() { printf '[local] %s\n' "$*" >&2; }
+die() { printf '[local] error: %s\n' "$*" >&2; exit 1; }
+
+# pid_alive FILE: true when FILE names a running process.
+pid_alive() {
+  local f="$1"
+  [[ -f "$f" ]] && kill -0 "$(cat "$f")" 2>/dev/null
+}
+
+# wait_until SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.5 s.
+wait_until() {
+  local limit="$1" what="$2"; shift 2
+  local deadline=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    if (( SECONDS >= deadline )); then
+      return 1
+    fi
+    sleep 0.5
+  done
+  log "$what is ready"
+}
+
+# stop_pid FILE NAME: SIGTERM, wait up to 30 s, then SIGKILL; removes the pid file.
+stop_pid() {
+  local f="$1" name="$2"
+  if ! pid_alive "$f"; then
+    rm -f "$f"
+    return 0
+  fi
+  local pid
+  pid="$(cat "$f")"
+  log "stopping $name (pid $pid)"
+  kill -TERM "$pid" 2>/dev/null || true
+  local deadline=$((SECONDS + 30))
+  while kill -0 "$pid" 2>/dev/null; do
+    if (( SECONDS >= deadline )); then
+      log "$name did not stop in 30 s, killing it"
+      kill -KILL "$pid" 2>/dev/null || true
+      break
+    fi
+    sleep 0.2
+  done
+  rm -f "$f"
+}

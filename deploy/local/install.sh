@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# Installs what the local stack needs and is missing: ClickHouse and kcat from Debian's
+# packages, the Apache Kafka jars from Maven Central. Safe to run any number of times.
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
+
+apt_install() {
+  local missing=()
+  command -v clickhouse-server >/dev/null || missing+=(clickhouse-server)
+  command -v clickhouse-client >/dev/null || missing+=(clickhouse-client)
+  command -v kcat >/dev/null || missing+=(kcat)
+  (( ${#missing[@]} == 0 )) && return 0
+  log "installing ${missing[*]} with apt-get"
+  local sudo=""
+  [[ "$(id -u)" == 0 ]] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}" >/dev/null
+}
+
+kafka_jars() {
+  if [[ -f "$KAFKA_LIB/kafka_2.13-$AUDIT_KAFKA_VERSION.jar" ]]; then
+    return 0
+  fi
+  command -v java >/dev/null || die "java (17+) is needed to run Kafka"
+  command -v mvn >/dev/null || die "mvn is needed to fetch the Kafka jars"
+  log "fetching Apache Kafka $AUDIT_KAFKA_VERSION jars from Maven Central"
+  rm -rf "$KAFKA_LIB.tmp"
+  mkdir -p "$KAFKA_LIB.tmp"
+  if ! mvn -B -Dstyle.color=never -f "$LOCAL_DIR/kafka-pom.xml" -Dkafka.version="$AUDIT_KAFKA_VERSION" \
+    dependency:copy-dependencies -DincludeScope=runtime -DoutputDirectory="$KAFKA_LIB.tmp" \
+    >"$AUDIT_STATE_DIR/mvn.log" 2>&1; then
+    tail -n 30 "$AUDIT_STATE_DIR/mvn.log" >&2
+    die "mvn could not fetch the Kafka jars (full log: $AUDIT_STATE_DIR/mvn.log)"
+  fi
+  rm -rf "$KAFKA_LIB"
+  mv "$KAFKA_LIB.tmp" "$KAFKA_LIB"
+}
+
+mkdir -p "$AUDIT_STATE_DIR"
+apt_install
+kafka_jars

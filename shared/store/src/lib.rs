@@ -1,0 +1,14 @@
+//! The ClickHouse side of audit-logs, shared by both services: connection settings, the row
+//! types of the events table, and the migrations runner for `schemas/clickhouse/`.
+
+mod config;
+mod error;
+pub mod migrations;
+mod rows;
+
+pub use config::ClickHouseConfig;
+pub use error::StoreError;
+pub use rows::{AuditEventRow, Lineage, EVENTS_TABLE};
+
+/// Re-exported so callers name one version of the client crate.
+pub use clickhouse;

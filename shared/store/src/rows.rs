@@ -1,0 +1,107 @@
+//! Row types of the events table, in column order (RowBinary has no names).
+
+use audit_event::AuditEvent;
+use clickhouse::Row;
+use serde::{Deserialize, Serialize};
+
+pub const EVENTS_TABLE: &str = "audit_events";
+
+/// Where an event came from, kept with it for lineage.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lineage {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+    pub ingested_at_ms: u64,
+}
+
+/// One row of `audit_events` (see `schemas/clickhouse/0001_create_audit_events.sql`).
+#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+pub struct AuditEventRow {
+    pub organization_id: String,
+    pub occurred_at_ms: i64,
+    pub id: String,
+    pub event_type: String,
+    pub actor_id: String,
+    pub actor_type: String,
+    pub actor_email: Option<String>,
+    pub actor_name: Option<String>,
+    pub resource_type: String,
+    pub resource_id: String,
+    pub resource_name: Option<String>,
+    pub affected_user_id: Option<String>,
+    pub affected_user_email: Option<String>,
+    /// JSON array text of `{field, oldValue?, newValue?}`.
+    pub changes: String,
+    pub context_ip: Option<String>,
+    pub context_user_agent: Option<String>,
+    pub context_request_id: Option<String>,
+    pub context_location: Option<String>,
+    /// The producer's metadata object, verbatim.
+    pub metadata: Option<String>,
+    pub source_topic: String,
+    pub source_partition: i32,
+    pub source_offset: i64,
+    pub ingested_at_ms: u64,
+}
+
+impl AuditEventRow {
+    pub fn from_event(event: &AuditEvent, lineage: &Lineage) -> Self {
+        let context = event.context.clone().unwrap_or_default();
+        Self {
+            organization_id: event.organization_id.clone(),
+            occurred_at_ms: event.occurred_at_millis(),
+            id: event.id.clone(),
+            event_type: event.event_type.clone(),
+            actor_id: event.actor.id.clone(),
+            actor_type: event.actor.actor_type.as_str().to_owned(),
+            actor_email: event.actor.email.clone(),
+            actor_name: event.actor.name.clone(),
+            resource_type: event.resource.resource_type.clone(),
+            resource_id: event.resource.id.clone(),
+            resource_name: event.resource.name.clone(),
+            affected_user_id: event.affected_user.as_ref().map(|u| u.id.clone()),
+            affected_user_email: event.affected_user.as_ref().and_then(|u| u.email.clone()),
+            // Serialising validated changes (strings and raw JSON) cannot fail.
+            changes: serde_json::to_string(&event.changes).unwrap_or_else(|_| "[]".to_owned()),
+            context_ip: context.ip,
+            context_user_agent: context.user_agent,
+            context_request_id: context.request_id,
+            context_location: context.location,
+            metadata: event.metadata.as_ref().map(|m| m.get().to_owned()),
+            source_topic: lineage.topic.clone(),
+            source_partition: lineage.partition,
+            source_offset: lineage.offset,
+            ingested_at_ms: lineage.ingested_at_ms,
+        }
+    }
+
+    /// Approximate bytes of the row on the wire, for batch size limits.
+    pub fn wire_size(&self) -> usize {
+        fn opt(value: &Option<String>) -> usize {
+            1 + value.as_ref().map_or(0, |v| v.len() + 2)
+        }
+        self.organization_id.len()
+            + self.id.len()
+            + self.event_type.len()
+            + self.actor_id.len()
+            + self.actor_type.len()
+            + self.resource_type.len()
+            + self.resource_id.len()
+            + self.changes.len()
+            + self.source_topic.len()
+            + opt(&self.actor_email)
+            + opt(&self.actor_name)
+            + opt(&self.resource_name)
+            + opt(&self.affected_user_id)
+            + opt(&self.affected_user_email)
+            + opt(&self.context_ip)
+            + opt(&self.context_user_agent)
+            + opt(&self.context_request_id)
+            + opt(&self.context_location)
+            + opt(&self.metadata)
+            + 9 * 2
+            + 8 * 3
+            + 4
+    }
+}

@@ -36,6 +36,8 @@ share.coordinator.state.topic.replication.factor=1
 share.coordinator.state.topic.min.isr=1
 group.initial.rebalance.delay.ms=0
 log.retention.hours=168
+# Up to 4 MiB per message: oversize events (over 1 MiB) must reach the ingest to be dead-lettered.
+message.max.bytes=4194304
 PROPS
   cat > "$KAFKA_DIR/log4j2.properties" <<LOG
 status = warn

@@ -15,11 +15,13 @@ pub struct Cli {
     #[arg(long, short, env = "AUDIT_INGEST_CONFIG", global = true)]
     pub config: Option<PathBuf>,
     #[command(subcommand)]
-    pub command: Command,
+    pub command: Option<Command>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Consume the configured topics into ClickHouse until SIGTERM/SIGINT (the default).
+    Run,
     /// Apply pending ClickHouse migrations and exit.
     Migrate,
 }

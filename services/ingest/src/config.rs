@@ -1,7 +1,10 @@
 //! The typed configuration of `audit-ingest`: defaults, then a TOML file, then environment
 //! variables `AUDIT_INGEST__<SECTION>__<KEY>`. Every field is listed in the README.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use audit_runtime::{load_settings, SettingsError, TelemetryConfig};
 use audit_store::ClickHouseConfig;
@@ -9,26 +12,250 @@ use serde::Deserialize;
 
 pub const ENV_PREFIX: &str = "AUDIT_INGEST";
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct IngestConfig {
+    pub kafka: KafkaConfig,
     /// Where events are written; see [`ClickHouseConfig`].
     pub clickhouse: ClickHouseConfig,
+    pub batch: BatchConfig,
+    pub dead_letter: DeadLetterConfig,
+    pub retry: RetryConfig,
+    pub directory: DirectoryConfig,
+    /// Address of the `/healthz`, `/readyz` and `/metrics` listener.
+    pub http_listen: SocketAddr,
+    /// Apply pending ClickHouse migrations at start-up; when false, refuse to start if any is pending.
+    pub migrate_on_start: bool,
+    /// How long a SIGTERM may take: flush, commit and leave the group within it.
+    pub shutdown_timeout_ms: u64,
     /// Logs and traces.
     pub telemetry: TelemetryConfig,
+}
+
+impl Default for IngestConfig {
+    fn default() -> Self {
+        Self {
+            kafka: KafkaConfig::default(),
+            clickhouse: ClickHouseConfig::default(),
+            batch: BatchConfig::default(),
+            dead_letter: DeadLetterConfig::default(),
+            retry: RetryConfig::default(),
+            directory: DirectoryConfig::default(),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 18081)),
+            migrate_on_start: true,
+            shutdown_timeout_ms: 9_000,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    /// Consumer group shared by all replicas.
+    pub group_id: String,
+    /// Topics to consume.
+    pub topics: Vec<String>,
+    /// Extra librdkafka properties for consumer and producer alike, e.g. `security.protocol`,
+    /// `sasl.mechanisms`, `sasl.username`, `sasl.password`, `ssl.ca.location`.
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        Self {
+            brokers: "127.0.0.1:19092".to_owned(),
+            group_id: "audit-ingest".to_owned(),
+            topics: vec![
+                "identity.users.v1".to_owned(),
+                "identity.teams.v1".to_owned(),
+                "identity.auth.v1".to_owned(),
+            ],
+            properties: BTreeMap::new(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct BatchConfig {
+    /// Flush when this many events are buffered.
+    pub max_rows: usize,
+    /// Flush when the buffered rows reach this many bytes.
+    pub max_bytes: usize,
+    /// Flush when the oldest buffered event has waited this long (milliseconds).
+    pub max_age_ms: u64,
+}
+
+impl Default for BatchConfig {
+    fn default() -> Self {
+        Self {
+            max_rows: 20_000,
+            max_bytes: 16 * 1024 * 1024,
+            max_age_ms: 250,
+        }
+    }
+}
+
+impl BatchConfig {
+    pub fn max_age(&self) -> Duration {
+        Duration::from_millis(self.max_age_ms)
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DeadLetterConfig {
+    /// Topic that receives invalid messages, raw, with the reason in headers.
+    pub topic: String,
+    /// Stop the service when more than this fraction of a window's messages is invalid.
+    pub max_invalid_ratio: f64,
+    /// Messages per window for `max_invalid_ratio`.
+    pub window_messages: u64,
+}
+
+impl Default for DeadLetterConfig {
+    fn default() -> Self {
+        Self {
+            topic: "audit.dlq.v1".to_owned(),
+            max_invalid_ratio: 0.5,
+            window_messages: 1_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetryConfig {
+    /// First back-off after a transient failure (milliseconds).
+    pub initial_backoff_ms: u64,
+    /// Back-off cap (milliseconds); retries go on until success or shutdown.
+    pub max_backoff_ms: u64,
+}
+
+impl Default for RetryConfig {
+    fn default() -> Self {
+        Self {
+            initial_backoff_ms: 100,
+            max_backoff_ms: 5_000,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DirectoryConfig {
+    /// Fill missing actor/affected-user emails and team names from the directory projection.
+    pub enrich: bool,
+    /// Entries kept in memory.
+    pub cache_entries: usize,
+    /// How long a cached entry is trusted before it is read again (milliseconds).
+    pub cache_ttl_ms: u64,
+}
+
+impl Default for DirectoryConfig {
+    fn default() -> Self {
+        Self {
+            enrich: true,
+            cache_entries: 100_000,
+            cache_ttl_ms: 60_000,
+        }
+    }
 }
 
 impl IngestConfig {
     /// Loads and validates the configuration; `file` is an optional TOML file.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        let config: Self = load_settings(ENV_PREFIX, file, &[])?;
+        let config: Self = load_settings(ENV_PREFIX, file, &["kafka.topics"])?;
         config.validate()?;
         Ok(config)
     }
 
     pub fn validate(&self) -> Result<(), SettingsError> {
+        let invalid = |message: String| Err(SettingsError::Invalid(message));
         self.clickhouse
             .validate()
-            .map_err(|err| SettingsError::Invalid(err.to_string()))
+            .map_err(|err| SettingsError::Invalid(err.to_string()))?;
+        if self.kafka.brokers.trim().is_empty() {
+            return invalid("kafka.brokers must not be empty".to_owned());
+        }
+        if self.kafka.group_id.trim().is_empty() {
+            return invalid("kafka.group_id must not be empty".to_owned());
+        }
+        if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.trim().is_empty()) {
+            return invalid("kafka.topics must list at least one non-empty topic".to_owned());
+        }
+        if self.kafka.topics.contains(&self.dead_letter.topic) {
+            return invalid(format!(
+                "dead_letter.topic {:?} must not be one of kafka.topics",
+                self.dead_letter.topic
+            ));
+        }
+        for key in self.kafka.properties.keys() {
+            if MANAGED_PROPERTIES.contains(&key.as_str()) {
+                return invalid(format!(
+                    "kafka.properties.{key} is set by audit-ingest itself and cannot be overridden"
+                ));
+            }
+        }
+        if self.batch.max_rows == 0 || self.batch.max_bytes == 0 || self.batch.max_age_ms == 0 {
+            return invalid(
+                "batch.max_rows, batch.max_bytes and batch.max_age_ms must be > 0".to_owned(),
+            );
+        }
+        if !(self.dead_letter.max_invalid_ratio > 0.0 && self.dead_letter.max_invalid_ratio <= 1.0)
+        {
+            return invalid("dead_letter.max_invalid_ratio must be in (0, 1]".to_owned());
+        }
+        if self.dead_letter.window_messages == 0 {
+            return invalid("dead_letter.window_messages must be > 0".to_owned());
+        }
+        if self.retry.initial_backoff_ms == 0
+            || self.retry.max_backoff_ms < self.retry.initial_backoff_ms
+        {
+            return invalid("retry: need 0 < initial_backoff_ms <= max_backoff_ms".to_owned());
+        }
+        Ok(())
+    }
+}
+
+/// librdkafka properties whose values the delivery guarantee depends on.
+pub const MANAGED_PROPERTIES: &[&str] = &[
+    "bootstrap.servers",
+    "group.id",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "isolation.level",
+    "enable.idempotence",
+    "acks",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        IngestConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn guarantee_critical_kafka_properties_cannot_be_overridden() {
+        let mut config = IngestConfig::default();
+        config
+            .kafka
+            .properties
+            .insert("enable.auto.commit".to_owned(), "true".to_owned());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn the_dead_letter_topic_is_not_consumed() {
+        let mut config = IngestConfig::default();
+        config.dead_letter.topic = "identity.users.v1".to_owned();
+        assert!(config.validate().is_err());
     }
 }

@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use audit_ingest::cli::{Cli, Command};
-use audit_ingest::IngestConfig;
+use audit_ingest::{Application, IngestConfig};
 use clap::Parser;
 
 #[tokio::main]
@@ -20,7 +20,18 @@ async fn main() -> ExitCode {
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let config = IngestConfig::load(cli.config.as_deref())?;
     let _telemetry = audit_runtime::init_telemetry("audit-ingest", &config.telemetry)?;
-    match cli.command {
+    match cli.command.unwrap_or(Command::Run) {
+        Command::Run => {
+            let app = Application::build(config)
+                .await
+                .context("starting audit-ingest")?;
+            let shutdown = app.shutdown_token();
+            tokio::spawn(async move {
+                audit_runtime::shutdown::signal().await;
+                shutdown.cancel();
+            });
+            app.run().await.context("audit-ingest stopped")?;
+        }
         Command::Migrate => {
             let report = audit_store::migrations::apply(&config.clickhouse)
                 .await

@@ -15,6 +15,8 @@ pub enum RejectReason {
     BadTimestamp,
     /// `organizationId` is empty or not of the allowed form.
     BadOrganization,
+    /// Valid by the contract, but the storage refused the row (never retried).
+    StorageRejected,
 }
 
 impl RejectReason {
@@ -25,15 +27,17 @@ impl RejectReason {
             RejectReason::SchemaViolation => "schema_violation",
             RejectReason::BadTimestamp => "bad_timestamp",
             RejectReason::BadOrganization => "bad_organization",
+            RejectReason::StorageRejected => "storage_rejected",
         }
     }
 
-    pub const ALL: [RejectReason; 5] = [
+    pub const ALL: [RejectReason; 6] = [
         RejectReason::TooLarge,
         RejectReason::NotJson,
         RejectReason::SchemaViolation,
         RejectReason::BadTimestamp,
         RejectReason::BadOrganization,
+        RejectReason::StorageRejected,
     ];
 }
 
@@ -52,7 +56,7 @@ pub struct EventError {
 }
 
 impl EventError {
-    pub(crate) fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
+    pub fn new(reason: RejectReason, detail: impl Into<String>) -> Self {
         Self {
             reason,
             detail: detail.into(),

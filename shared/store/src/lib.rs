@@ -8,7 +8,10 @@ mod rows;
 
 pub use config::ClickHouseConfig;
 pub use error::StoreError;
-pub use rows::{AuditEventRow, Lineage, EVENTS_TABLE};
+pub use rows::{
+    AuditEventRow, DirectoryTeamRow, DirectoryUserRow, Lineage, DIRECTORY_TEAMS_TABLE,
+    DIRECTORY_USERS_TABLE, EVENTS_TABLE,
+};
 
 /// Re-exported so callers name one version of the client crate.
 pub use clickhouse;

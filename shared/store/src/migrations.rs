@@ -19,11 +19,18 @@ pub struct Migration {
 }
 
 /// Every migration, in order. `tests/migrations.rs` checks this list against the directory.
-pub const MIGRATIONS: &[Migration] = &[Migration {
-    version: 1,
-    name: "create_audit_events",
-    sql: include_str!("../../../schemas/clickhouse/0001_create_audit_events.sql"),
-}];
+pub const MIGRATIONS: &[Migration] = &[
+    Migration {
+        version: 1,
+        name: "create_audit_events",
+        sql: include_str!("../../../schemas/clickhouse/0001_create_audit_events.sql"),
+    },
+    Migration {
+        version: 2,
+        name: "create_directory",
+        sql: include_str!("../../../schemas/clickhouse/0002_create_directory.sql"),
+    },
+];
 
 const RECORD_TABLE: &str = "schema_migrations";
 

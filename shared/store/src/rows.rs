@@ -105,3 +105,26 @@ impl AuditEventRow {
             + 4
     }
 }
+
+pub const DIRECTORY_USERS_TABLE: &str = "directory_users";
+pub const DIRECTORY_TEAMS_TABLE: &str = "directory_teams";
+
+/// One "user id has this email" fact (`directory_users`).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct DirectoryUserRow {
+    pub organization_id: String,
+    pub user_id: String,
+    pub email: String,
+    pub occurred_at_ms: i64,
+    pub event_id: String,
+}
+
+/// One "team id has this name" fact (`directory_teams`).
+#[derive(Debug, Clone, PartialEq, Eq, Row, Serialize, Deserialize)]
+pub struct DirectoryTeamRow {
+    pub organization_id: String,
+    pub team_id: String,
+    pub name: String,
+    pub occurred_at_ms: i64,
+    pub event_id: String,
+}

@@ -1,0 +1,122 @@
+//! Builds the service from its configuration and runs it: migrations, Kafka clients, the ops
+//! listener and the consume loop, stopping cleanly on SIGTERM/SIGINT.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use audit_store::migrations;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::config::IngestConfig;
+use crate::dead_letter::DeadLetterProducer;
+use crate::directory::Directory;
+use crate::flush::Flusher;
+use crate::http::{self, OpsState};
+use crate::kafka::{self, IngestContext};
+use crate::metrics::IngestMetrics;
+use crate::pipeline::Pipeline;
+use crate::sink::ClickHouseSink;
+
+/// Why the service could not start or stopped abnormally.
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("clickhouse schema: {0}")]
+    Schema(#[from] audit_store::StoreError),
+    #[error("kafka client: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("cannot listen on {address}: {source}")]
+    Listen {
+        address: std::net::SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Pipeline(#[from] crate::pipeline::PipelineError),
+}
+
+pub struct Application {
+    pipeline: Pipeline,
+    ops: OpsState,
+    config: IngestConfig,
+}
+
+impl Application {
+    /// Applies (or checks) migrations and creates every client; nothing is consumed yet.
+    pub async fn build(config: IngestConfig) -> Result<Self, AppError> {
+        if config.migrate_on_start {
+            let report = migrations::apply(&config.clickhouse).await?;
+            info!(applied = ?report.applied, "clickhouse schema is current");
+        } else {
+            migrations::ensure_current(&config.clickhouse).await?;
+        }
+        let metrics = IngestMetrics::new();
+        let client = config.clickhouse.client();
+        let sink = ClickHouseSink::new(client.clone(), config.retry.clone(), metrics.clone());
+        let consumer = Arc::new(kafka::consumer(
+            &config.kafka,
+            &config.kafka.group_id,
+            IngestContext::new(metrics.clone()),
+        )?);
+        let dead_letters = DeadLetterProducer::new(
+            kafka::producer(&config.kafka)?,
+            config.dead_letter.topic.clone(),
+            metrics.clone(),
+            sink.backoff(),
+        );
+        let directory = config.directory.enrich.then(|| {
+            Directory::new(
+                sink.clone(),
+                config.directory.cache_entries,
+                Duration::from_millis(config.directory.cache_ttl_ms),
+                metrics.clone(),
+            )
+        });
+        let flusher = Arc::new(Flusher {
+            sink,
+            directory,
+            dead_letters,
+            metrics: metrics.clone(),
+        });
+        let pipeline = Pipeline {
+            consumer: Arc::clone(&consumer),
+            flusher,
+            metrics: metrics.clone(),
+            batch: config.batch.clone(),
+            dead_letter: config.dead_letter.clone(),
+            topics: config.kafka.topics.clone(),
+            shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+        };
+        let ops = OpsState {
+            metrics,
+            consumer,
+            clickhouse: client,
+            shutdown: CancellationToken::new(),
+        };
+        Ok(Self {
+            pipeline,
+            ops,
+            config,
+        })
+    }
+
+    /// Cancelling this token stops the service gracefully.
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.ops.shutdown.clone()
+    }
+
+    /// Runs until the token is cancelled or a fatal error occurs.
+    pub async fn run(self) -> Result<(), AppError> {
+        let shutdown = self.ops.shutdown.clone();
+        let address = self.config.http_listen;
+        let (bound, server) = http::serve(address, self.ops)
+            .await
+            .map_err(|source| AppError::Listen { address, source })?;
+        info!(%bound, "ops listener up (/healthz, /readyz, /metrics)");
+        let server = tokio::spawn(server);
+        let result = self.pipeline.run(shutdown.clone()).await;
+        shutdown.cancel();
+        let _ = server.await;
+        result.map_err(AppError::from)
+    }
+}

@@ -1,0 +1,225 @@
+//! Decoding of Kafka messages and the batch they accumulate in until a flush: valid events,
+//! dead letters, and the next offset to commit per partition.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+use audit_event::{AuditEvent, EventError};
+use opentelemetry::trace::SpanContext;
+use opentelemetry::trace::TraceContextExt;
+use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::Message;
+
+use crate::kafka::PartitionKey;
+
+/// Where a message was read from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourcePosition {
+    pub topic: String,
+    pub partition: i32,
+    pub offset: i64,
+}
+
+/// A valid event with its position.
+#[derive(Debug, Clone)]
+pub struct ConsumedEvent {
+    pub event: AuditEvent,
+    pub source: SourcePosition,
+}
+
+/// An invalid message, kept byte for byte for the dead-letter topic.
+#[derive(Debug, Clone)]
+pub struct DeadLetter {
+    pub key: Option<Vec<u8>>,
+    pub payload: Option<Vec<u8>>,
+    pub headers: Vec<(String, Option<Vec<u8>>)>,
+    pub error: EventError,
+    pub source: SourcePosition,
+}
+
+/// What one message became.
+#[derive(Debug)]
+pub enum Decoded {
+    Event(Box<ConsumedEvent>),
+    Invalid(Box<DeadLetter>),
+}
+
+/// Parses one message. Never fails: an unusable message becomes a [`DeadLetter`].
+pub fn decode(message: &BorrowedMessage<'_>) -> Decoded {
+    let source = SourcePosition {
+        topic: message.topic().to_owned(),
+        partition: message.partition(),
+        offset: message.offset(),
+    };
+    let payload = message.payload().unwrap_or_default();
+    match AuditEvent::from_slice(payload) {
+        Ok(event) => Decoded::Event(Box::new(ConsumedEvent { event, source })),
+        Err(error) => Decoded::Invalid(Box::new(DeadLetter {
+            key: message.key().map(<[u8]>::to_vec),
+            payload: message.payload().map(<[u8]>::to_vec),
+            headers: message
+                .headers()
+                .map(|headers| {
+                    headers
+                        .iter()
+                        .map(|h| (h.key.to_owned(), h.value.map(<[u8]>::to_vec)))
+                        .collect()
+                })
+                .unwrap_or_default(),
+            error,
+            source,
+        })),
+    }
+}
+
+/// The W3C trace context a producer attached to the message, if any.
+pub fn trace_context(message: &BorrowedMessage<'_>) -> Option<SpanContext> {
+    let headers = message.headers()?;
+    let traceparent = headers
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case("traceparent"))?
+        .value?;
+    let traceparent = std::str::from_utf8(traceparent).ok()?;
+    let mut carrier = std::collections::HashMap::new();
+    carrier.insert("traceparent".to_owned(), traceparent.to_owned());
+    if let Some(state) = headers
+        .iter()
+        .find(|h| h.key.eq_ignore_ascii_case("tracestate"))
+        .and_then(|h| h.value)
+        .and_then(|v| std::str::from_utf8(v).ok())
+    {
+        carrier.insert("tracestate".to_owned(), state.to_owned());
+    }
+    let context = opentelemetry::global::get_text_map_propagator(|p| p.extract(&carrier));
+    let span = context.span().span_context().clone();
+    span.is_valid().then_some(span)
+}
+
+/// Most trace links kept per batch; a batch span with thousands of links helps nobody.
+const MAX_TRACE_LINKS: usize = 64;
+
+/// Events and dead letters waiting for one flush.
+#[derive(Debug, Default)]
+pub struct EventBatch {
+    pub events: Vec<ConsumedEvent>,
+    pub dead_letters: Vec<DeadLetter>,
+    /// Offset after the last message of each partition in this batch: what to commit.
+    pub next_offsets: BTreeMap<PartitionKey, i64>,
+    pub trace_links: Vec<SpanContext>,
+    bytes: usize,
+    opened: Option<Instant>,
+}
+
+impl EventBatch {
+    pub fn push(&mut self, decoded: Decoded, bytes: usize, trace: Option<SpanContext>) {
+        let source = match &decoded {
+            Decoded::Event(e) => &e.source,
+            Decoded::Invalid(d) => &d.source,
+        };
+        let key = (source.topic.clone(), source.partition);
+        let next = source.offset + 1;
+        let entry = self.next_offsets.entry(key).or_insert(next);
+        debug_assert!(*entry <= next, "offsets go forward within a partition");
+        *entry = (*entry).max(next);
+        match decoded {
+            Decoded::Event(event) => self.events.push(*event),
+            Decoded::Invalid(letter) => self.dead_letters.push(*letter),
+        }
+        if let Some(trace) = trace {
+            if self.trace_links.len() < MAX_TRACE_LINKS {
+                self.trace_links.push(trace);
+            }
+        }
+        self.bytes += bytes;
+        self.opened.get_or_insert_with(Instant::now);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.next_offsets.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.events.len() + self.dead_letters.len()
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
+    /// Time since the first message entered the batch.
+    pub fn age(&self) -> Duration {
+        self.opened.map(|t| t.elapsed()).unwrap_or_default()
+    }
+
+    /// When the batch must be flushed because of its age.
+    pub fn deadline(&self, max_age: Duration) -> Option<Instant> {
+        self.opened.map(|t| t + max_age)
+    }
+
+    pub fn is_full(&self, max_rows: usize, max_bytes: usize) -> bool {
+        self.len() >= max_rows || self.bytes >= max_bytes
+    }
+
+    /// Forgets everything from partitions this member no longer owns: their new owner will
+    /// read those messages again from the last committed offset.
+    pub fn drop_partitions(&mut self, revoked: &BTreeSet<PartitionKey>) -> usize {
+        let before = self.len();
+        let owned = |s: &SourcePosition| !revoked.contains(&(s.topic.clone(), s.partition));
+        self.events.retain(|e| owned(&e.source));
+        self.dead_letters.retain(|d| owned(&d.source));
+        self.next_offsets.retain(|key, _| !revoked.contains(key));
+        if self.is_empty() {
+            *self = EventBatch::default();
+        }
+        before - self.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use audit_event::AuditEvent;
+
+    fn event(topic: &str, partition: i32, offset: i64) -> Decoded {
+        let json = format!(
+            r#"{{"id":"e-{topic}-{partition}-{offset}","type":"user.logged_in","occurredAt":"2025-01-01T00:00:00Z","organizationId":"o","actor":{{"id":"u"}},"resource":{{"type":"session","id":"s"}}}}"#
+        );
+        Decoded::Event(Box::new(ConsumedEvent {
+            event: AuditEvent::from_slice(json.as_bytes()).unwrap(),
+            source: SourcePosition {
+                topic: topic.to_owned(),
+                partition,
+                offset,
+            },
+        }))
+    }
+
+    #[test]
+    fn commits_the_offset_after_the_last_message_of_each_partition() {
+        let mut batch = EventBatch::default();
+        batch.push(event("a", 0, 10), 100, None);
+        batch.push(event("a", 0, 11), 100, None);
+        batch.push(event("a", 1, 3), 100, None);
+        assert_eq!(batch.next_offsets[&("a".to_owned(), 0)], 12);
+        assert_eq!(batch.next_offsets[&("a".to_owned(), 1)], 4);
+        assert_eq!(batch.len(), 3);
+        assert_eq!(batch.bytes(), 300);
+        assert!(batch.is_full(3, 10_000));
+        assert!(batch.is_full(10, 300));
+        assert!(!batch.is_full(10, 301));
+    }
+
+    #[test]
+    fn revoked_partitions_leave_the_batch_entirely() {
+        let mut batch = EventBatch::default();
+        batch.push(event("a", 0, 10), 1, None);
+        batch.push(event("a", 1, 3), 1, None);
+        let revoked = BTreeSet::from([("a".to_owned(), 0)]);
+        assert_eq!(batch.drop_partitions(&revoked), 1);
+        assert_eq!(batch.len(), 1);
+        assert!(!batch.next_offsets.contains_key(&("a".to_owned(), 0)));
+        batch.drop_partitions(&BTreeSet::from([("a".to_owned(), 1)]));
+        assert!(batch.is_empty());
+        assert!(batch.deadline(Duration::from_secs(1)).is_none());
+    }
+}

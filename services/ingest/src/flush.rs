@@ -1,0 +1,198 @@
+//! One flush of a batch, everything that must be durable before its offsets may be committed:
+//! fill fields from the directory, insert the events (rows ClickHouse rejects become dead
+//! letters), store the directory facts, produce and await the dead letters.
+
+use std::collections::BTreeMap;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use audit_event::{EventError, RejectReason};
+use audit_store::{AuditEventRow, Lineage, EVENTS_TABLE};
+use backon::Retryable;
+use rdkafka::error::KafkaError;
+use tracing::{info_span, warn, Instrument};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+
+use crate::batch::{DeadLetter, EventBatch};
+use crate::dead_letter::DeadLetterProducer;
+use crate::directory::{facts_of, Directory, KnownValues};
+use crate::kafka::PartitionKey;
+use crate::metrics::IngestMetrics;
+use crate::sink::{ClickHouseSink, InsertError};
+
+/// A flush that cannot complete: the service must stop without committing.
+#[derive(Debug, thiserror::Error)]
+pub enum FlushError {
+    #[error("cannot produce to the dead-letter topic: {0}")]
+    DeadLetter(#[source] KafkaError),
+    #[error("the directory projection could not be written: {0}")]
+    Directory(#[source] InsertError),
+}
+
+/// What a completed flush made durable.
+#[derive(Debug, Default)]
+pub struct FlushedBatch {
+    pub next_offsets: BTreeMap<PartitionKey, i64>,
+    pub inserted: usize,
+    pub dead_lettered: usize,
+}
+
+pub struct Flusher {
+    pub sink: ClickHouseSink,
+    pub directory: Option<Directory>,
+    pub dead_letters: DeadLetterProducer,
+    pub metrics: IngestMetrics,
+}
+
+impl Flusher {
+    pub async fn flush(&self, batch: EventBatch) -> Result<FlushedBatch, FlushError> {
+        let span = info_span!(
+            "ingest.flush",
+            events = batch.events.len(),
+            dead_letters = batch.dead_letters.len()
+        );
+        for context in &batch.trace_links {
+            span.add_link(context.clone());
+        }
+        self.flush_inner(batch).instrument(span).await
+    }
+
+    async fn flush_inner(&self, batch: EventBatch) -> Result<FlushedBatch, FlushError> {
+        let EventBatch {
+            events,
+            mut dead_letters,
+            next_offsets,
+            ..
+        } = batch;
+        let (mut events, sources): (Vec<_>, Vec<_>) =
+            events.into_iter().map(|e| (e.event, e.source)).unzip();
+
+        let facts = match &self.directory {
+            Some(directory) => directory.prepare(facts_of(&events)),
+            None => Default::default(),
+        };
+        if let Some(directory) = &self.directory {
+            let known = (|| directory.resolve(&events, &facts))
+                .retry(self.sink.backoff())
+                .when(InsertError::is_transient)
+                .notify(|err, _| {
+                    self.metrics
+                        .retries
+                        .with_label_values(&["directory_read"])
+                        .inc();
+                    warn!(error = %err, "directory read failed, retrying");
+                })
+                .await
+                .unwrap_or_else(|err| {
+                    // A rejected read (not an outage) only costs the enrichment of this batch.
+                    warn!(error = %err, "directory read rejected; batch stored without enrichment");
+                    KnownValues::default()
+                });
+            for event in &mut events {
+                directory.fill(event, &known);
+            }
+        }
+
+        let ingested_at_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or_default();
+        let rows: Vec<AuditEventRow> = events
+            .iter()
+            .zip(&sources)
+            .map(|(event, source)| {
+                AuditEventRow::from_event(
+                    event,
+                    &Lineage {
+                        topic: source.topic.clone(),
+                        partition: source.partition,
+                        offset: source.offset,
+                        ingested_at_ms,
+                    },
+                )
+            })
+            .collect();
+
+        let bytes: usize = rows.iter().map(AuditEventRow::wire_size).sum();
+        let rejected = self.insert_events(&rows).await;
+        let mut inserted_per_topic: BTreeMap<&str, u64> = BTreeMap::new();
+        let mut newest_ms = None;
+        for (index, row) in rows.iter().enumerate() {
+            if rejected.iter().any(|(i, _)| *i == index) {
+                continue;
+            }
+            *inserted_per_topic
+                .entry(row.source_topic.as_str())
+                .or_default() += 1;
+            newest_ms = newest_ms.max(Some(row.occurred_at_ms));
+        }
+        for (index, error) in &rejected {
+            dead_letters.push(DeadLetter {
+                key: None,
+                payload: Some(events[*index].to_json().into_bytes()),
+                headers: Vec::new(),
+                error: EventError::new(RejectReason::StorageRejected, error.to_string()),
+                source: sources[*index].clone(),
+            });
+        }
+
+        if let Some(directory) = &self.directory {
+            directory
+                .store(&facts)
+                .await
+                .map_err(FlushError::Directory)?;
+        }
+        self.dead_letters
+            .send_all(&dead_letters)
+            .await
+            .map_err(FlushError::DeadLetter)?;
+
+        let inserted = rows.len() - rejected.len();
+        self.metrics
+            .batch_rows
+            .with_label_values(&[] as &[&str])
+            .observe(inserted as f64);
+        self.metrics
+            .batch_bytes
+            .with_label_values(&[] as &[&str])
+            .observe(bytes as f64);
+        for (topic, count) in inserted_per_topic {
+            self.metrics
+                .inserted
+                .with_label_values(&[topic])
+                .inc_by(count);
+        }
+        if let Some(ms) = newest_ms {
+            let seconds = ms as f64 / 1000.0;
+            if seconds > self.metrics.newest_occurred_at.get() {
+                self.metrics.newest_occurred_at.set(seconds);
+            }
+        }
+        Ok(FlushedBatch {
+            next_offsets,
+            inserted,
+            dead_lettered: dead_letters.len(),
+        })
+    }
+
+    /// Inserts all rows; if ClickHouse rejects the data, finds the rejected rows one by one.
+    /// Returns the indexes of the rows that were not stored, with the reason.
+    async fn insert_events(&self, rows: &[AuditEventRow]) -> Vec<(usize, InsertError)> {
+        match self.sink.insert(EVENTS_TABLE, rows).await {
+            Ok(()) => Vec::new(),
+            Err(err) => {
+                warn!(rows = rows.len(), error = %err, "batch rejected, inserting rows one by one");
+                let mut rejected = Vec::new();
+                for (index, row) in rows.iter().enumerate() {
+                    if let Err(err) = self
+                        .sink
+                        .insert(EVENTS_TABLE, std::slice::from_ref(row))
+                        .await
+                    {
+                        rejected.push((index, err));
+                    }
+                }
+                rejected
+            }
+        }
+    }
+}

@@ -1,0 +1,137 @@
+//! Prometheus metrics of the ingest service, registered once and served on `/metrics`.
+
+use prometheus::{
+    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec,
+    Opts, Registry, TextEncoder,
+};
+
+/// Every metric `audit-ingest` exports. Cheap to clone (handles are reference-counted).
+#[derive(Clone)]
+pub struct IngestMetrics {
+    registry: Registry,
+    pub consumed: IntCounterVec,
+    pub inserted: IntCounterVec,
+    pub dead_lettered: IntCounterVec,
+    pub batch_rows: HistogramVec,
+    pub batch_bytes: HistogramVec,
+    pub insert_seconds: HistogramVec,
+    pub retries: IntCounterVec,
+    pub consumer_lag: IntGaugeVec,
+    pub committed_offset: IntGaugeVec,
+    pub newest_occurred_at: Gauge,
+    pub enriched: IntCounterVec,
+}
+
+impl IngestMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let consumed = counter(
+            "audit_ingest_events_consumed_total",
+            "Kafka messages received, valid or not.",
+            &["topic"],
+        );
+        let inserted = counter(
+            "audit_ingest_events_inserted_total",
+            "Events acknowledged by ClickHouse.",
+            &["topic"],
+        );
+        let dead_lettered = counter(
+            "audit_ingest_events_dead_lettered_total",
+            "Messages produced to the dead-letter topic, by reason.",
+            &["topic", "reason"],
+        );
+        let retries = counter(
+            "audit_ingest_retries_total",
+            "Retried operations after a transient failure.",
+            &["operation"],
+        );
+        let enriched = counter(
+            "audit_ingest_enriched_fields_total",
+            "Missing fields filled from the directory projection.",
+            &["field"],
+        );
+        let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
+            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[])
+                .expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let batch_rows = histogram(
+            "audit_ingest_batch_rows",
+            "Events per ClickHouse insert.",
+            exponential_buckets(1.0, 4.0, 9).expect("valid buckets"),
+        );
+        let batch_bytes = histogram(
+            "audit_ingest_batch_bytes",
+            "Bytes per ClickHouse insert.",
+            exponential_buckets(1024.0, 4.0, 9).expect("valid buckets"),
+        );
+        let insert_seconds = histogram(
+            "audit_ingest_insert_duration_seconds",
+            "Time of one ClickHouse insert, retries excluded.",
+            exponential_buckets(0.002, 2.0, 12).expect("valid buckets"),
+        );
+        let gauge = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let consumer_lag = gauge(
+            "audit_ingest_consumer_lag",
+            "Messages behind the partition's high watermark, as librdkafka reports it.",
+            &["topic", "partition"],
+        );
+        let committed_offset = gauge(
+            "audit_ingest_committed_offset",
+            "Last offset committed for the partition (next offset to read).",
+            &["topic", "partition"],
+        );
+        let newest_occurred_at = Gauge::with_opts(Opts::new(
+            "audit_ingest_newest_occurred_at_seconds",
+            "occurredAt (Unix seconds) of the newest event inserted.",
+        ))
+        .expect("valid metric");
+        registry
+            .register(Box::new(newest_occurred_at.clone()))
+            .expect("unique metric");
+        Self {
+            registry,
+            consumed,
+            inserted,
+            dead_lettered,
+            batch_rows,
+            batch_bytes,
+            insert_seconds,
+            retries,
+            consumer_lag,
+            committed_offset,
+            newest_occurred_at,
+            enriched,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding into a Vec cannot fail for well-formed metric families.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}
+
+impl Default for IngestMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}

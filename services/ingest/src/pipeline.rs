@@ -1,0 +1,325 @@
+//! The consume loop: Kafka -> decode -> batch -> flush -> commit. One flush runs while the next
+//! batch fills; when that batch is full too, the assigned partitions are paused (the consumer
+//! keeps polling, so the group membership holds) until the flush completes. Offsets are
+//! committed only after their flush, in order, so a committed offset never passes an event
+//! ClickHouse has not acknowledged.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::{Message, Offset, TopicPartitionList};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::batch::{decode, trace_context, Decoded, EventBatch};
+use crate::config::{BatchConfig, DeadLetterConfig};
+use crate::flush::{FlushError, FlushedBatch, Flusher};
+use crate::kafka::IngestConsumer;
+use crate::metrics::IngestMetrics;
+
+/// Why the consume loop stopped other than by a shutdown request.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error(
+        "stopping: {invalid} of the last {window} messages were invalid (limit {limit:.0}%); \
+         a producer is probably publishing a broken format, see the dead-letter topic"
+    )]
+    InvalidRatio {
+        invalid: u64,
+        window: u64,
+        limit: f64,
+    },
+    #[error(transparent)]
+    Flush(#[from] FlushError),
+    #[error("a flush task failed: {0}")]
+    FlushTask(#[from] tokio::task::JoinError),
+    #[error("cannot subscribe to {topics:?}: {source}")]
+    Subscribe {
+        topics: Vec<String>,
+        #[source]
+        source: rdkafka::error::KafkaError,
+    },
+}
+
+/// Stops the service when too many messages in a window are invalid.
+#[derive(Debug)]
+pub struct InvalidRatioGuard {
+    window: u64,
+    limit: f64,
+    seen: u64,
+    invalid: u64,
+}
+
+impl InvalidRatioGuard {
+    pub fn new(config: &DeadLetterConfig) -> Self {
+        Self {
+            window: config.window_messages,
+            limit: config.max_invalid_ratio,
+            seen: 0,
+            invalid: 0,
+        }
+    }
+
+    /// Records one message; errors once the window's invalid share passes the limit.
+    pub fn record(&mut self, valid: bool) -> Result<(), PipelineError> {
+        self.seen += 1;
+        if !valid {
+            self.invalid += 1;
+        }
+        // Tripping early is fine: the window can only get worse than this.
+        if self.invalid as f64 > self.limit * self.window as f64 {
+            return Err(PipelineError::InvalidRatio {
+                invalid: self.invalid,
+                window: self.seen,
+                limit: self.limit * 100.0,
+            });
+        }
+        if self.seen >= self.window {
+            self.seen = 0;
+            self.invalid = 0;
+        }
+        Ok(())
+    }
+}
+
+pub struct Pipeline {
+    pub consumer: Arc<IngestConsumer>,
+    pub flusher: Arc<Flusher>,
+    pub metrics: IngestMetrics,
+    pub batch: BatchConfig,
+    pub dead_letter: DeadLetterConfig,
+    pub topics: Vec<String>,
+    pub shutdown_timeout: Duration,
+}
+
+type InFlight = JoinHandle<Result<FlushedBatch, FlushError>>;
+
+impl Pipeline {
+    /// Consumes until `shutdown` is cancelled (then flushes, commits and leaves the group) or a
+    /// fatal error occurs (then stops without committing what is not durable).
+    pub async fn run(self, shutdown: CancellationToken) -> Result<(), PipelineError> {
+        let topics: Vec<&str> = self.topics.iter().map(String::as_str).collect();
+        self.consumer
+            .subscribe(&topics)
+            .map_err(|source| PipelineError::Subscribe {
+                topics: self.topics.clone(),
+                source,
+            })?;
+        info!(topics = ?self.topics, "consuming");
+
+        let mut batch = EventBatch::default();
+        let mut in_flight: Option<InFlight> = None;
+        let mut paused = false;
+        let mut guard = InvalidRatioGuard::new(&self.dead_letter);
+        let max_age = self.batch.max_age();
+
+        let outcome = loop {
+            let revoked = self.consumer.context().take_revoked();
+            if !revoked.is_empty() {
+                let dropped = batch.drop_partitions(&revoked);
+                if dropped > 0 {
+                    info!(dropped, "dropped unflushed messages of revoked partitions");
+                }
+                // The new assignment starts unpaused.
+                paused = false;
+            }
+
+            let due = !batch.is_empty()
+                && (batch.is_full(self.batch.max_rows, self.batch.max_bytes)
+                    || batch.age() >= max_age);
+            if due && in_flight.is_none() {
+                in_flight = Some(self.start_flush(std::mem::take(&mut batch)));
+            }
+            let want_pause =
+                in_flight.is_some() && batch.is_full(self.batch.max_rows, self.batch.max_bytes);
+            if want_pause != paused {
+                self.set_paused(want_pause);
+                paused = want_pause;
+            }
+            let deadline = batch
+                .deadline(max_age)
+                .map(Instant::from_std)
+                .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+
+            tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break Ok(()),
+                joined = async { in_flight.as_mut().expect("guarded by if").await }, if in_flight.is_some() => {
+                    in_flight = None;
+                    match joined {
+                        Ok(Ok(flushed)) => self.commit(&flushed),
+                        Ok(Err(err)) => break Err(PipelineError::Flush(err)),
+                        Err(err) => break Err(PipelineError::FlushTask(err)),
+                    }
+                }
+                received = self.consumer.recv() => match received {
+                    Ok(message) => {
+                        let topic = message.topic().to_owned();
+                        self.metrics.consumed.with_label_values(&[topic.as_str()]).inc();
+                        let size = message.payload_len();
+                        let trace = trace_context(&message);
+                        let decoded = decode(&message);
+                        if let Decoded::Invalid(letter) = &decoded {
+                            debug!(topic, partition = letter.source.partition, offset = letter.source.offset,
+                                   reason = %letter.error.reason, "invalid message");
+                        }
+                        if let Err(err) = guard.record(matches!(decoded, Decoded::Event(_))) {
+                            break Err(err);
+                        }
+                        batch.push(decoded, size, trace);
+                    }
+                    Err(err) => warn!(error = %err, "kafka consumer error"),
+                },
+                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {}
+            }
+        };
+
+        match outcome {
+            Ok(()) => {
+                info!(
+                    buffered = batch.len(),
+                    "shutting down: flushing and committing"
+                );
+                let drain = self.drain(in_flight, batch);
+                match tokio::time::timeout(self.shutdown_timeout, drain).await {
+                    Ok(Ok(())) => info!("final batch committed"),
+                    Ok(Err(err)) => {
+                        error!(error = %err, "final flush failed; uncommitted events will be re-delivered")
+                    }
+                    Err(_) => {
+                        warn!("final flush timed out; uncommitted events will be re-delivered")
+                    }
+                }
+                self.consumer.unsubscribe();
+                Ok(())
+            }
+            Err(err) => {
+                // Let a flush already under way finish: what it stored gets committed.
+                if let Some(handle) = in_flight {
+                    if let Ok(Ok(Ok(flushed))) =
+                        tokio::time::timeout(self.shutdown_timeout, handle).await
+                    {
+                        self.commit(&flushed);
+                    }
+                }
+                self.consumer.unsubscribe();
+                Err(err)
+            }
+        }
+    }
+
+    async fn drain(
+        &self,
+        in_flight: Option<InFlight>,
+        batch: EventBatch,
+    ) -> Result<(), PipelineError> {
+        if let Some(handle) = in_flight {
+            let flushed = handle.await??;
+            self.commit(&flushed);
+        }
+        let revoked = self.consumer.context().take_revoked();
+        let mut batch = batch;
+        batch.drop_partitions(&revoked);
+        if !batch.is_empty() {
+            let flushed = self.flusher.flush(batch).await?;
+            self.commit(&flushed);
+        }
+        Ok(())
+    }
+
+    fn start_flush(&self, batch: EventBatch) -> InFlight {
+        let flusher = Arc::clone(&self.flusher);
+        tokio::spawn(async move { flusher.flush(batch).await })
+    }
+
+    fn set_paused(&self, pause: bool) {
+        let assignment = match self.consumer.assignment() {
+            Ok(assignment) => assignment,
+            Err(err) => {
+                warn!(error = %err, "cannot read the assignment to pause or resume");
+                return;
+            }
+        };
+        let result = if pause {
+            self.consumer.pause(&assignment)
+        } else {
+            self.consumer.resume(&assignment)
+        };
+        match result {
+            Ok(()) => debug!(pause, partitions = assignment.count(), "back-pressure"),
+            Err(err) => warn!(error = %err, pause, "cannot pause or resume partitions"),
+        }
+    }
+
+    /// Commits the offsets a flush made durable. A failed commit only means re-delivery (the
+    /// events are stored and de-duplicated), so it is logged, not fatal.
+    fn commit(&self, flushed: &FlushedBatch) {
+        if flushed.next_offsets.is_empty() {
+            return;
+        }
+        let mut offsets = TopicPartitionList::new();
+        for ((topic, partition), next) in &flushed.next_offsets {
+            if let Err(err) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next))
+            {
+                warn!(topic, partition, error = %err, "cannot build offset list");
+            }
+        }
+        match self.consumer.commit(&offsets, CommitMode::Sync) {
+            Ok(()) => {
+                for ((topic, partition), next) in &flushed.next_offsets {
+                    self.metrics
+                        .committed_offset
+                        .with_label_values(&[topic.as_str(), &partition.to_string()])
+                        .set(*next);
+                }
+                debug!(
+                    partitions = flushed.next_offsets.len(),
+                    inserted = flushed.inserted,
+                    dead_lettered = flushed.dead_lettered,
+                    "batch committed"
+                );
+            }
+            Err(err) => {
+                self.metrics
+                    .retries
+                    .with_label_values(&["offset_commit"])
+                    .inc();
+                warn!(error = %err, "offset commit failed; the batch will be re-delivered and de-duplicated");
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn guard(limit: f64, window: u64) -> InvalidRatioGuard {
+        InvalidRatioGuard::new(&DeadLetterConfig {
+            topic: "dlq".to_owned(),
+            max_invalid_ratio: limit,
+            window_messages: window,
+        })
+    }
+
+    #[test]
+    fn trips_when_the_window_has_too_many_invalid_messages() {
+        let mut g = guard(0.5, 10);
+        for _ in 0..5 {
+            g.record(false).unwrap();
+        }
+        let err = g.record(false).unwrap_err();
+        assert!(err.to_string().contains("6 of the last 6"), "{err}");
+    }
+
+    #[test]
+    fn a_trickle_of_invalid_messages_never_trips() {
+        let mut g = guard(0.1, 100);
+        for i in 0..10_000 {
+            g.record(i % 20 != 0).unwrap();
+        }
+    }
+}

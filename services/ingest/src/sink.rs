@@ -1,0 +1,175 @@
+//! Writes rows into ClickHouse with RowBinary inserts, and tells a transient failure (retry it)
+//! from a rejection of the data itself (never retry it: the rows go to the dead-letter topic).
+
+use std::time::{Duration, Instant};
+
+use audit_store::clickhouse::{self, RowOwned, RowWrite};
+use backon::{ExponentialBuilder, Retryable};
+use tracing::warn;
+
+use crate::config::RetryConfig;
+use crate::metrics::IngestMetrics;
+
+/// Why an insert failed.
+#[derive(Debug, thiserror::Error)]
+pub enum InsertError {
+    /// ClickHouse refused the data (type, parse or size errors): retrying cannot help.
+    #[error("clickhouse rejected the data: {0}")]
+    Rejected(String),
+    /// Network, server down, overload, timeouts: retry with back-off.
+    #[error("clickhouse insert failed: {0}")]
+    Transient(String),
+}
+
+impl InsertError {
+    pub fn is_transient(&self) -> bool {
+        matches!(self, InsertError::Transient(_))
+    }
+}
+
+/// ClickHouse error codes that mean "this data is wrong", from ClickHouse's ErrorCodes.
+const DATA_ERROR_CODES: &[u32] = &[
+    6,   // CANNOT_PARSE_TEXT
+    26,  // CANNOT_PARSE_QUOTED_STRING
+    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
+    33,  // CANNOT_READ_ALL_DATA
+    38,  // CANNOT_PARSE_DATE
+    41,  // CANNOT_PARSE_DATETIME
+    53,  // TYPE_MISMATCH
+    69,  // ARGUMENT_OUT_OF_BOUND
+    70,  // CANNOT_CONVERT_TYPE
+    72,  // CANNOT_PARSE_NUMBER
+    117, // INCORRECT_DATA
+    131, // TOO_LARGE_STRING_SIZE
+];
+
+/// Classifies an error of the `clickhouse` crate.
+pub fn classify(error: &clickhouse::error::Error) -> InsertError {
+    let text = error.to_string();
+    match error {
+        clickhouse::error::Error::BadResponse(message) => match exception_code(message) {
+            Some(code) if DATA_ERROR_CODES.contains(&code) => InsertError::Rejected(text),
+            _ => InsertError::Transient(text),
+        },
+        clickhouse::error::Error::SequenceMustHaveLength
+        | clickhouse::error::Error::Custom(_)
+        | clickhouse::error::Error::InvalidUtf8Encoding(_) => InsertError::Rejected(text),
+        _ => InsertError::Transient(text),
+    }
+}
+
+/// `Code: 27. DB::Exception: ...` -> 27.
+fn exception_code(message: &str) -> Option<u32> {
+    let rest = &message[message.find("Code: ")? + "Code: ".len()..];
+    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
+/// Inserts rows into one table, retrying transient failures with capped, jittered back-off.
+#[derive(Clone)]
+pub struct ClickHouseSink {
+    client: clickhouse::Client,
+    retry: RetryConfig,
+    metrics: IngestMetrics,
+}
+
+impl ClickHouseSink {
+    pub fn new(client: clickhouse::Client, retry: RetryConfig, metrics: IngestMetrics) -> Self {
+        Self {
+            client,
+            retry,
+            metrics,
+        }
+    }
+
+    pub fn client(&self) -> &clickhouse::Client {
+        &self.client
+    }
+
+    /// One insert, no retry.
+    pub async fn insert_once<T>(&self, table: &str, rows: &[T]) -> Result<(), InsertError>
+    where
+        T: RowOwned + RowWrite,
+    {
+        let started = Instant::now();
+        let result = async {
+            let mut insert = self
+                .client
+                .insert::<T>(table)
+                .await?
+                .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+            for row in rows {
+                insert.write(row).await?;
+            }
+            insert.end().await
+        }
+        .await;
+        if table == audit_store::EVENTS_TABLE {
+            self.metrics
+                .insert_seconds
+                .with_label_values(&[] as &[&str])
+                .observe(started.elapsed().as_secs_f64());
+        }
+        result.map_err(|err| classify(&err))
+    }
+
+    /// Inserts until ClickHouse acknowledges or rejects the data; transient failures are retried
+    /// for ever (the caller cancels on shutdown).
+    pub async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<(), InsertError>
+    where
+        T: RowOwned + RowWrite,
+    {
+        if rows.is_empty() {
+            return Ok(());
+        }
+        (|| self.insert_once(table, rows))
+            .retry(self.backoff())
+            .when(InsertError::is_transient)
+            .notify(|err, delay| {
+                self.metrics
+                    .retries
+                    .with_label_values(&["clickhouse_insert"])
+                    .inc();
+                warn!(table, rows = rows.len(), error = %err, retry_in_ms = delay.as_millis() as u64, "insert failed, retrying");
+            })
+            .await
+    }
+
+    pub fn backoff(&self) -> ExponentialBuilder {
+        ExponentialBuilder::new()
+            .with_jitter()
+            .with_min_delay(Duration::from_millis(self.retry.initial_backoff_ms))
+            .with_max_delay(Duration::from_millis(self.retry.max_backoff_ms))
+            .without_max_times()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_errors_are_rejections_and_outages_are_transient() {
+        let rejected = clickhouse::error::Error::BadResponse(
+            "Code: 27. DB::Exception: Cannot parse input: expected '\\t' before: 'x'".to_owned(),
+        );
+        assert!(!classify(&rejected).is_transient());
+        let overloaded = clickhouse::error::Error::BadResponse(
+            "Code: 202. DB::Exception: Too many simultaneous queries".to_owned(),
+        );
+        assert!(classify(&overloaded).is_transient());
+        let no_code =
+            clickhouse::error::Error::BadResponse("<html>502 Bad Gateway</html>".to_owned());
+        assert!(classify(&no_code).is_transient());
+        assert!(classify(&clickhouse::error::Error::TimedOut).is_transient());
+    }
+
+    #[test]
+    fn reads_exception_codes() {
+        assert_eq!(
+            exception_code("Code: 53. DB::Exception: Type mismatch"),
+            Some(53)
+        );
+        assert_eq!(exception_code("nothing here"), None);
+    }
+}

@@ -117,12 +117,7 @@ impl Pipeline {
         let max_age = self.batch.max_age();
 
         let outcome = loop {
-            let revoked = self.consumer.context().take_revoked();
-            if !revoked.is_empty() {
-                let dropped = batch.drop_partitions(&revoked);
-                if dropped > 0 {
-                    info!(dropped, "dropped unflushed messages of revoked partitions");
-                }
+            if self.forget_revoked(&mut batch) {
                 // The new assignment starts unpaused.
                 paused = false;
             }
@@ -157,6 +152,11 @@ impl Pipeline {
                 }
                 received = self.consumer.recv() => match received {
                     Ok(message) => {
+                        // The rebalance callbacks ran inside this recv(): forget the revoked
+                        // partitions before adding a message of the new assignment.
+                        if self.forget_revoked(&mut batch) {
+                            paused = false;
+                        }
                         let topic = message.topic().to_owned();
                         self.metrics.consumed.with_label_values(&[topic.as_str()]).inc();
                         let size = message.payload_len();
@@ -220,14 +220,28 @@ impl Pipeline {
             let flushed = handle.await??;
             self.commit(&flushed);
         }
-        let revoked = self.consumer.context().take_revoked();
         let mut batch = batch;
-        batch.drop_partitions(&revoked);
+        self.forget_revoked(&mut batch);
         if !batch.is_empty() {
             let flushed = self.flusher.flush(batch).await?;
             self.commit(&flushed);
         }
         Ok(())
+    }
+
+    /// Drops the batch's messages of partitions revoked since the last call; true if any were
+    /// revoked. Their new owner reads them again from the last committed offset.
+    fn forget_revoked(&self, batch: &mut EventBatch) -> bool {
+        let revoked = self.consumer.context().take_revoked();
+        if revoked.is_empty() {
+            return false;
+        }
+        let dropped = batch.drop_partitions(&revoked);
+        info!(
+            partitions = revoked.len(),
+            dropped, "forgot revoked partitions"
+        );
+        true
     }
 
     fn start_flush(&self, batch: EventBatch) -> InFlight {

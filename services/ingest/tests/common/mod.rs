@@ -1,0 +1,430 @@
+//! Harness for the ingest integration tests: unique topics, group and database per test, the real
+//! `audit-ingest` binary as a child process, and helpers to produce and to read back.
+#![allow(dead_code)] // each test binary uses a different part
+
+use std::collections::BTreeMap;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use audit_store::clickhouse;
+use audit_store::ClickHouseConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{Offset, TopicPartitionList};
+use serde_json::Value;
+
+pub fn brokers() -> String {
+    std::env::var("AUDIT_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
+}
+
+pub fn clickhouse_url() -> String {
+    std::env::var("AUDIT_TEST_CLICKHOUSE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
+}
+
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// One test's private Kafka topics, consumer group and ClickHouse database.
+pub struct TestEnv {
+    pub name: String,
+    pub topics: Vec<String>,
+    pub dead_letter_topic: String,
+    pub group: String,
+    pub clickhouse: ClickHouseConfig,
+    pub partitions: i32,
+}
+
+impl TestEnv {
+    pub async fn new(name: &str, partitions: i32) -> Self {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let suffix = &suffix[..12];
+        let topics: Vec<String> = ["users", "teams", "auth"]
+            .iter()
+            .map(|t| format!("test.{name}.{t}.{suffix}"))
+            .collect();
+        let dead_letter_topic = format!("test.{name}.dlq.{suffix}");
+        let env = Self {
+            name: name.to_owned(),
+            topics,
+            dead_letter_topic,
+            group: format!("test-{name}-{suffix}"),
+            clickhouse: ClickHouseConfig {
+                url: clickhouse_url(),
+                database: format!("audit_test_{}_{suffix}", name.replace('-', "_")),
+                ..ClickHouseConfig::default()
+            },
+            partitions,
+        };
+        let mut all = env.topics.clone();
+        all.push(env.dead_letter_topic.clone());
+        create_topics(&all, partitions).await;
+        env
+    }
+
+    /// Environment of an `audit-ingest` process bound to this test's resources.
+    pub fn ingest_env(&self, http_port: u16) -> BTreeMap<String, String> {
+        BTreeMap::from([
+            ("AUDIT_INGEST__KAFKA__BROKERS".into(), brokers()),
+            ("AUDIT_INGEST__KAFKA__GROUP_ID".into(), self.group.clone()),
+            ("AUDIT_INGEST__KAFKA__TOPICS".into(), self.topics.join(",")),
+            (
+                "AUDIT_INGEST__DEAD_LETTER__TOPIC".into(),
+                self.dead_letter_topic.clone(),
+            ),
+            (
+                "AUDIT_INGEST__CLICKHOUSE__URL".into(),
+                self.clickhouse.url.clone(),
+            ),
+            (
+                "AUDIT_INGEST__CLICKHOUSE__DATABASE".into(),
+                self.clickhouse.database.clone(),
+            ),
+            (
+                "AUDIT_INGEST__HTTP_LISTEN".into(),
+                format!("127.0.0.1:{http_port}"),
+            ),
+            ("AUDIT_INGEST__TELEMETRY__LOG_FORMAT".into(), "json".into()),
+            (
+                "AUDIT_INGEST__TELEMETRY__LOG_FILTER".into(),
+                "info,audit_ingest=debug".into(),
+            ),
+            ("AUDIT_INGEST__RETRY__MAX_BACKOFF_MS".into(), "1000".into()),
+        ])
+    }
+
+    pub fn client(&self) -> clickhouse::Client {
+        self.clickhouse.client()
+    }
+
+    /// Events visible through the de-duplicating read (`FINAL`).
+    pub async fn visible_count(&self) -> u64 {
+        self.client()
+            .query("SELECT count() FROM audit_events FINAL")
+            .fetch_one()
+            .await
+            .unwrap_or(0)
+    }
+
+    pub async fn visible_ids(&self) -> Vec<String> {
+        self.client()
+            .query("SELECT id FROM audit_events FINAL ORDER BY id")
+            .fetch_all()
+            .await
+            .unwrap()
+    }
+
+    /// Polls until `count` events are visible, or panics after `limit`.
+    pub async fn wait_for_count(&self, count: u64, limit: Duration) {
+        let deadline = Instant::now() + limit;
+        loop {
+            let visible = self.visible_count().await;
+            if visible >= count {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}: {visible} of {count} events visible after {limit:?}",
+                self.name
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// The group's committed offset per (topic, partition), as the broker has it.
+    pub fn committed_offsets(&self) -> BTreeMap<(String, i32), i64> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", &self.group)
+            .create()
+            .unwrap();
+        let mut wanted = TopicPartitionList::new();
+        for topic in &self.topics {
+            for partition in 0..self.partitions {
+                wanted.add_partition(topic, partition);
+            }
+        }
+        let committed = consumer
+            .committed_offsets(wanted, Duration::from_secs(10))
+            .unwrap();
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(o) => Some(((e.topic().to_owned(), e.partition()), o)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    pub async fn drop_database(&self) {
+        let _ = self
+            .clickhouse
+            .server_client()
+            .query(&format!(
+                "DROP DATABASE IF EXISTS {}",
+                self.clickhouse.database
+            ))
+            .execute()
+            .await;
+    }
+}
+
+pub async fn create_topics(names: &[String], partitions: i32) {
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let new: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, partitions, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(
+            &new,
+            &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+        )
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+}
+
+pub fn producer() -> FutureProducer {
+    ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", "4194304")
+        .set("linger.ms", "5")
+        .create()
+        .unwrap()
+}
+
+/// Produces each payload (keyed by its index) to the given topic and waits for the broker's ack.
+pub async fn produce(producer: &FutureProducer, topic: &str, messages: &[(String, Vec<u8>)]) {
+    let sends = messages.iter().map(|(key, payload)| {
+        producer.send(
+            FutureRecord::to(topic)
+                .key(key.as_bytes())
+                .payload(payload.as_slice()),
+            Duration::from_secs(30),
+        )
+    });
+    for result in futures_util::future::join_all(sends).await {
+        result.map_err(|(err, _)| err).unwrap();
+    }
+}
+
+/// Valid example files of the contract, as JSON values.
+pub fn valid_examples() -> Vec<Value> {
+    let dir = repo_root().join("schemas/events/examples/valid");
+    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    files
+        .iter()
+        .map(|f| serde_json::from_slice(&std::fs::read(f).unwrap()).unwrap())
+        .collect()
+}
+
+/// `count` distinct valid events cycling through every example (every catalog type), with
+/// unique ids and organizations spread over three tenants.
+pub fn generate_events(prefix: &str, count: usize) -> Vec<Value> {
+    let examples = valid_examples();
+    (0..count)
+        .map(|i| {
+            let mut event = examples[i % examples.len()].clone();
+            event["id"] = Value::String(format!("{prefix}-{i:06}"));
+            event["organizationId"] = Value::String(format!("org_{}", i % 3));
+            event
+        })
+        .collect()
+}
+
+/// The topic an event belongs on, by the usual routing: user.* -> users, team*.* -> teams, else auth.
+pub fn topic_for<'a>(env: &'a TestEnv, event: &Value) -> &'a str {
+    let kind = event["type"].as_str().unwrap_or_default();
+    if kind.starts_with("user.logged") || kind.starts_with("user.login") {
+        &env.topics[2]
+    } else if kind.starts_with("team") {
+        &env.topics[1]
+    } else if kind.starts_with("user.") {
+        &env.topics[0]
+    } else {
+        &env.topics[2]
+    }
+}
+
+/// Produces events to their topics, keyed by event id.
+pub async fn publish(env: &TestEnv, producer: &FutureProducer, events: &[Value]) {
+    let mut by_topic: BTreeMap<&str, Vec<(String, Vec<u8>)>> = BTreeMap::new();
+    for event in events {
+        by_topic.entry(topic_for(env, event)).or_default().push((
+            event["id"].as_str().unwrap().to_owned(),
+            serde_json::to_vec(event).unwrap(),
+        ));
+    }
+    for (topic, messages) in by_topic {
+        produce(producer, topic, &messages).await;
+    }
+}
+
+/// A running `audit-ingest` child process; killed when dropped.
+pub struct IngestProcess {
+    pub child: Child,
+    pub http_port: u16,
+    pub log: PathBuf,
+}
+
+impl IngestProcess {
+    pub fn spawn(env: &TestEnv, extra: &[(&str, &str)]) -> Self {
+        let http_port = free_port();
+        let log = std::env::temp_dir().join(format!(
+            "audit-ingest-{}-{}.log",
+            env.name,
+            uuid::Uuid::new_v4().simple()
+        ));
+        let file = std::fs::File::create(&log).unwrap();
+        let mut command = Command::new(env!("CARGO_BIN_EXE_audit-ingest"));
+        command
+            .arg("run")
+            .envs(env.ingest_env(http_port))
+            .envs(extra.iter().map(|(k, v)| (*k, *v)))
+            .stdin(Stdio::null())
+            .stdout(file.try_clone().unwrap())
+            .stderr(file);
+        let child = command.spawn().unwrap();
+        Self {
+            child,
+            http_port,
+            log,
+        }
+    }
+
+    pub fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// Waits until `/readyz` answers 200 (group joined, ClickHouse reachable).
+    pub async fn wait_ready(&mut self, limit: Duration) {
+        let url = format!("http://127.0.0.1:{}/readyz", self.http_port);
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!("audit-ingest exited early with {status}:\n{}", self.logs());
+            }
+            if let Ok(response) = reqwest::get(&url).await {
+                if response.status().is_success() {
+                    return;
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "audit-ingest not ready after {limit:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    pub async fn metrics(&self) -> String {
+        let url = format!("http://127.0.0.1:{}/metrics", self.http_port);
+        reqwest::get(&url).await.unwrap().text().await.unwrap()
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
+    }
+
+    /// Waits for the process to exit, up to `limit`.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for IngestProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sum of a Prometheus counter family over all its label sets.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.starts_with(name)
+                && (l[name.len()..].starts_with('{') || l[name.len()..].starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A ClickHouse server of this test's own (same scripts as `make up`, other ports and state),
+/// for tests that stop and start it.
+pub struct PrivateClickHouse {
+    pub state: PathBuf,
+    pub http_port: u16,
+    tcp_port: u16,
+}
+
+impl PrivateClickHouse {
+    pub fn start() -> Self {
+        let server = Self {
+            state: std::env::temp_dir().join(format!("audit-ch-{}", uuid::Uuid::new_v4().simple())),
+            http_port: free_port(),
+            tcp_port: free_port(),
+        };
+        server.run("start");
+        server
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.http_port)
+    }
+
+    pub fn run(&self, action: &str) {
+        let status = Command::new("bash")
+            .arg(repo_root().join("deploy/local/clickhouse.sh"))
+            .arg(action)
+            .env("AUDIT_STATE_DIR", &self.state)
+            .env("AUDIT_CLICKHOUSE_HTTP_PORT", self.http_port.to_string())
+            .env("AUDIT_CLICKHOUSE_TCP_PORT", self.tcp_port.to_string())
+            .status()
+            .unwrap();
+        assert!(status.success(), "clickhouse.sh {action} failed");
+    }
+}
+
+impl Drop for PrivateClickHouse {
+    fn drop(&mut self) {
+        self.run("stop");
+        let _ = std::fs::remove_dir_all(&self.state);
+    }
+}

@@ -1,0 +1,507 @@
+//! End-to-end behaviour of `audit-ingest` against the real Kafka and ClickHouse of the local
+//! stack: the real binary, real failures (SIGKILL, SIGTERM, a ClickHouse that goes away).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::Duration;
+
+use audit_event::AuditEvent;
+use audit_store::{AuditEventRow, Lineage};
+use common::*;
+use nix::sys::signal::Signal;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::message::Headers;
+use rdkafka::Message;
+use serde_json::Value;
+
+const READY: Duration = Duration::from_secs(60);
+const ARRIVE: Duration = Duration::from_secs(90);
+
+/// The stored row an event must become (lineage aside).
+fn expected_row(event: &Value) -> AuditEventRow {
+    let parsed = AuditEvent::from_slice(&serde_json::to_vec(event).unwrap()).unwrap();
+    AuditEventRow::from_event(
+        &parsed,
+        &Lineage {
+            topic: String::new(),
+            partition: 0,
+            offset: 0,
+            ingested_at_ms: 0,
+        },
+    )
+}
+
+fn without_lineage(mut row: AuditEventRow) -> AuditEventRow {
+    row.source_topic.clear();
+    row.source_partition = 0;
+    row.source_offset = 0;
+    row.ingested_at_ms = 0;
+    row
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_catalog_type_over_three_topics_is_stored_once_field_by_field() {
+    let env = TestEnv::new("catalog", 4).await;
+    let events = generate_events("cat", 600);
+    let producer = producer();
+    publish(&env, &producer, &events).await;
+    // Re-deliveries: the same ids again, as an upstream retry or a replay would send them.
+    publish(&env, &producer, &events[..150]).await;
+
+    let mut ingest = IngestProcess::spawn(&env, &[("AUDIT_INGEST__DIRECTORY__ENRICH", "false")]);
+    ingest.wait_ready(READY).await;
+    env.wait_for_count(600, ARRIVE).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.visible_count().await, 600, "duplicates visible");
+
+    let stored: Vec<AuditEventRow> = env
+        .client()
+        .query("SELECT ?fields FROM audit_events FINAL ORDER BY id")
+        .fetch_all()
+        .await
+        .unwrap();
+    let by_id: BTreeMap<&str, &AuditEventRow> = stored.iter().map(|r| (r.id.as_str(), r)).collect();
+    let mut types = BTreeSet::new();
+    for event in &events {
+        let id = event["id"].as_str().unwrap();
+        let row = by_id.get(id).unwrap_or_else(|| panic!("{id} missing"));
+        assert_eq!(
+            row.source_topic,
+            topic_for(&env, event),
+            "{id} lineage topic"
+        );
+        assert!(row.ingested_at_ms > 0);
+        assert_eq!(
+            without_lineage((*row).clone()),
+            expected_row(event),
+            "{id} differs"
+        );
+        types.insert(row.event_type.clone());
+    }
+    for entry in serde_json::from_slice::<Value>(
+        &std::fs::read(repo_root().join("schemas/events/catalog.json")).unwrap(),
+    )
+    .unwrap()["types"]
+        .as_array()
+        .unwrap()
+    {
+        assert!(
+            types.contains(entry["type"].as_str().unwrap()),
+            "{} not exercised",
+            entry["type"]
+        );
+    }
+    let metrics = ingest.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "audit_ingest_events_consumed_total"),
+        750.0
+    );
+    ingest.signal(Signal::SIGTERM);
+    assert!(ingest
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .is_some_and(|s| s.success()));
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn invalid_examples_are_dead_lettered_with_their_reason_and_valid_neighbours_stored() {
+    let env = TestEnv::new("dlq", 2).await;
+    let dir = repo_root().join("schemas/events/examples/invalid");
+    let expected: Value =
+        serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    let expected: BTreeMap<String, String> = expected["examples"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .map(|(file, reason)| {
+            (
+                file.rsplit('/').next().unwrap().to_owned(),
+                reason.as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let valid = generate_events("dlq-ok", expected.len() * 2);
+    let mut messages = Vec::new();
+    for (i, (file, _)) in expected.iter().enumerate() {
+        messages.push((
+            format!("ok-{i}-a"),
+            serde_json::to_vec(&valid[2 * i]).unwrap(),
+        ));
+        messages.push((
+            format!("bad:{file}"),
+            std::fs::read(dir.join(file)).unwrap(),
+        ));
+        messages.push((
+            format!("ok-{i}-b"),
+            serde_json::to_vec(&valid[2 * i + 1]).unwrap(),
+        ));
+    }
+    let producer = producer();
+    produce(&producer, &env.topics[0], &messages).await;
+
+    let mut ingest = IngestProcess::spawn(&env, &[]);
+    ingest.wait_ready(READY).await;
+    env.wait_for_count(valid.len() as u64, ARRIVE).await;
+
+    let consumer: StreamConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", format!("{}-reader", env.group))
+        .set("auto.offset.reset", "earliest")
+        .set("fetch.message.max.bytes", "4194304")
+        .create()
+        .unwrap();
+    consumer
+        .subscribe(&[env.dead_letter_topic.as_str()])
+        .unwrap();
+    let mut seen = BTreeMap::new();
+    while seen.len() < expected.len() {
+        let message = tokio::time::timeout(ARRIVE, consumer.recv())
+            .await
+            .expect("dead letter")
+            .unwrap();
+        let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
+        let file = key
+            .strip_prefix("bad:")
+            .expect("only invalid messages are dead-lettered")
+            .to_owned();
+        let headers: BTreeMap<String, String> = message
+            .headers()
+            .unwrap()
+            .iter()
+            .map(|h| {
+                (
+                    h.key.to_owned(),
+                    String::from_utf8_lossy(h.value.unwrap_or_default()).into_owned(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            message.payload().unwrap_or_default(),
+            std::fs::read(dir.join(&file)).unwrap().as_slice(),
+            "{file}: bytes changed"
+        );
+        assert_eq!(headers["dlq.source.topic"], env.topics[0]);
+        assert!(headers["dlq.source.offset"].parse::<i64>().is_ok());
+        assert!(!headers["dlq.detail"].is_empty());
+        seen.insert(file, headers["dlq.reason"].clone());
+    }
+    assert_eq!(seen, expected);
+    assert_eq!(env.visible_count().await, valid.len() as u64);
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_batch_loses_nothing_and_shows_nothing_twice() {
+    let env = TestEnv::new("sigkill", 6).await;
+    let events = generate_events("kill", 3000);
+    let producer = producer();
+    let settings = [
+        ("AUDIT_INGEST__BATCH__MAX_ROWS", "100"),
+        ("AUDIT_INGEST__BATCH__MAX_AGE_MS", "50"),
+    ];
+    for round in 0..4 {
+        let chunk = &events[round * 600..(round + 1) * 600];
+        let mut ingest = IngestProcess::spawn(&env, &settings);
+        ingest.wait_ready(READY).await;
+        publish(&env, &producer, chunk).await;
+        // Kill while batches are in flight: some inserted and not committed, some half-read.
+        let before = env.visible_count().await;
+        let deadline = std::time::Instant::now() + ARRIVE;
+        while env.visible_count().await <= before + 50 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "round {round}: nothing ingested:\n{}",
+                ingest.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        ingest.signal(Signal::SIGKILL);
+        ingest
+            .wait_exit(Duration::from_secs(5))
+            .await
+            .expect("killed");
+    }
+    publish(&env, &producer, &events[2400..]).await;
+    let mut ingest = IngestProcess::spawn(&env, &settings);
+    ingest.wait_ready(READY).await;
+    env.wait_for_count(3000, ARRIVE).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let ids = env.visible_ids().await;
+    let wanted: Vec<String> = events
+        .iter()
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(ids.len(), 3000, "duplicates or losses");
+    assert_eq!(ids, wanted);
+    ingest.signal(Signal::SIGTERM);
+    ingest.wait_exit(Duration::from_secs(10)).await;
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_flushes_a_partial_batch_and_commits_it() {
+    let env = TestEnv::new("sigterm", 2).await;
+    // A batch that would wait a minute for more events: only the shutdown flushes it.
+    let mut ingest = IngestProcess::spawn(
+        &env,
+        &[
+            ("AUDIT_INGEST__BATCH__MAX_AGE_MS", "60000"),
+            ("AUDIT_INGEST__BATCH__MAX_ROWS", "100000"),
+        ],
+    );
+    ingest.wait_ready(READY).await;
+    let events = generate_events("term", 7);
+    publish(&env, &producer(), &events).await;
+    let deadline = std::time::Instant::now() + ARRIVE;
+    while metric_sum(
+        &ingest.metrics().await,
+        "audit_ingest_events_consumed_total",
+    ) < 7.0
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not consumed:\n{}",
+            ingest.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(env.visible_count().await, 0, "flushed before its age");
+
+    let stopping = std::time::Instant::now();
+    ingest.signal(Signal::SIGTERM);
+    let status = ingest
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .expect("exit within 10 s");
+    assert!(status.success(), "exit status {status}:\n{}", ingest.logs());
+    assert!(stopping.elapsed() < Duration::from_secs(10));
+    assert_eq!(env.visible_count().await, 7);
+    let committed: i64 = env.committed_offsets().values().sum();
+    assert_eq!(committed, 7, "offsets of the flushed batch committed");
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_share_the_partitions_and_one_stopping_loses_nothing() {
+    let env = TestEnv::new("replicas", 6).await;
+    let events = generate_events("rep", 2400);
+    let producer = producer();
+    let settings = [
+        ("AUDIT_INGEST__BATCH__MAX_ROWS", "200"),
+        ("AUDIT_INGEST__BATCH__MAX_AGE_MS", "100"),
+    ];
+    let mut first = IngestProcess::spawn(&env, &settings);
+    let mut second = IngestProcess::spawn(&env, &settings);
+    first.wait_ready(READY).await;
+    second.wait_ready(READY).await;
+
+    publish(&env, &producer, &events[..1200]).await;
+    let deadline = std::time::Instant::now() + ARRIVE;
+    while env.visible_count().await < 300 {
+        assert!(std::time::Instant::now() < deadline, "nothing ingested");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Stop one mid-stream; the survivor takes over its partitions.
+    second.signal(Signal::SIGTERM);
+    publish(&env, &producer, &events[1200..]).await;
+    assert!(second
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .is_some_and(|s| s.success()));
+    env.wait_for_count(2400, ARRIVE).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(env.visible_count().await, 2400);
+    let metrics = first.metrics().await;
+    assert!(
+        metric_sum(&metrics, "audit_ingest_events_inserted_total") > 0.0,
+        "first replica did work"
+    );
+    first.signal(Signal::SIGTERM);
+    first.wait_exit(Duration::from_secs(10)).await;
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn projection_fills_missing_emails_and_team_names() {
+    let env = TestEnv::new("projection", 1).await;
+    let producer = producer();
+    let event =
+        |id: &str, kind: &str, at: &str, actor: Value, resource: Value, affected: Option<Value>| {
+            let mut e = serde_json::json!({
+                "id": id, "type": kind, "occurredAt": at, "organizationId": "org_p",
+                "actor": actor, "resource": resource,
+            });
+            if let Some(a) = affected {
+                e["affectedUser"] = a;
+            }
+            e
+        };
+    let created = event(
+        "p-1",
+        "user.created",
+        "2025-05-01T10:00:00Z",
+        serde_json::json!({"id": "scim", "type": "scim"}),
+        serde_json::json!({"type": "user", "id": "u_carol"}),
+        Some(serde_json::json!({"id": "u_carol", "email": "carol@acme.example"})),
+    );
+    let team = event(
+        "p-2",
+        "team.created",
+        "2025-05-01T10:01:00Z",
+        serde_json::json!({"id": "u_carol", "email": "carol@acme.example"}),
+        serde_json::json!({"type": "team", "id": "t_core", "name": "Core"}),
+        None,
+    );
+    let ids_only = event(
+        "p-3",
+        "team_member.added",
+        "2025-05-01T10:02:00Z",
+        serde_json::json!({"id": "u_carol"}),
+        serde_json::json!({"type": "team", "id": "t_core"}),
+        Some(serde_json::json!({"id": "u_carol"})),
+    );
+    let mut ingest = IngestProcess::spawn(&env, &[]);
+    ingest.wait_ready(READY).await;
+    publish(&env, &producer, &[created, team]).await;
+    env.wait_for_count(2, ARRIVE).await;
+    publish(&env, &producer, std::slice::from_ref(&ids_only)).await;
+    env.wait_for_count(3, ARRIVE).await;
+
+    // A fresh process (empty cache) must find the facts in ClickHouse.
+    ingest.signal(Signal::SIGTERM);
+    ingest.wait_exit(Duration::from_secs(10)).await;
+    let mut ingest = IngestProcess::spawn(&env, &[]);
+    ingest.wait_ready(READY).await;
+    let mut later = ids_only.clone();
+    later["id"] = Value::String("p-4".into());
+    later["occurredAt"] = Value::String("2025-05-02T00:00:00Z".into());
+    publish(&env, &producer, &[later]).await;
+    env.wait_for_count(4, ARRIVE).await;
+
+    let rows: Vec<AuditEventRow> = env
+        .client()
+        .query("SELECT ?fields FROM audit_events FINAL WHERE id IN ('p-3', 'p-4') ORDER BY id")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 2);
+    for row in rows {
+        assert_eq!(
+            row.actor_email.as_deref(),
+            Some("carol@acme.example"),
+            "{}",
+            row.id
+        );
+        assert_eq!(
+            row.affected_user_email.as_deref(),
+            Some("carol@acme.example"),
+            "{}",
+            row.id
+        );
+        assert_eq!(row.resource_name.as_deref(), Some("Core"), "{}", row.id);
+    }
+    let metrics = ingest.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "audit_ingest_enriched_fields_total"),
+        3.0
+    );
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_invalid_messages_stops_the_service_with_a_clear_error() {
+    let env = TestEnv::new("ratio", 1).await;
+    let garbage: Vec<(String, Vec<u8>)> = (0..300)
+        .map(|i| (format!("k{i}"), b"{broken".to_vec()))
+        .collect();
+    produce(&producer(), &env.topics[0], &garbage).await;
+    let mut ingest = IngestProcess::spawn(
+        &env,
+        &[
+            ("AUDIT_INGEST__DEAD_LETTER__WINDOW_MESSAGES", "100"),
+            ("AUDIT_INGEST__DEAD_LETTER__MAX_INVALID_RATIO", "0.5"),
+        ],
+    );
+    let status = ingest
+        .wait_exit(ARRIVE)
+        .await
+        .expect("the service stops by itself");
+    assert!(!status.success());
+    let logs = ingest.logs();
+    assert!(logs.contains("were invalid"), "{logs}");
+    assert!(logs.contains("dead-letter topic"), "{logs}");
+    env.drop_database().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn clickhouse_outage_holds_commits_and_everything_arrives_afterwards() {
+    let server = PrivateClickHouse::start();
+    let mut env = TestEnv::new("outage", 3).await;
+    env.clickhouse.url = server.url();
+    let producer = producer();
+    let events = generate_events("down", 500);
+
+    let mut ingest = IngestProcess::spawn(&env, &[("AUDIT_INGEST__BATCH__MAX_AGE_MS", "100")]);
+    ingest.wait_ready(READY).await;
+    publish(&env, &producer, &events[..200]).await;
+    env.wait_for_count(200, ARRIVE).await;
+    let committed_sum = |env: &TestEnv| env.committed_offsets().values().sum::<i64>();
+    let deadline = std::time::Instant::now() + ARRIVE;
+    while committed_sum(&env) < 200 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "first 200 never committed"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    server.run("stop");
+    publish(&env, &producer, &events[200..]).await;
+    for _ in 0..10 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(
+            committed_sum(&env),
+            200,
+            "an offset was committed while ClickHouse was down"
+        );
+        assert!(
+            ingest.child.try_wait().unwrap().is_none(),
+            "ingest died:\n{}",
+            ingest.logs()
+        );
+    }
+    let metrics = ingest.metrics().await;
+    assert!(
+        metric_sum(&metrics, "audit_ingest_retries_total") > 0.0,
+        "no retries recorded"
+    );
+    let ready = reqwest::get(format!("http://127.0.0.1:{}/readyz", ingest.http_port))
+        .await
+        .unwrap();
+    assert_eq!(
+        ready.status().as_u16(),
+        503,
+        "ready while ClickHouse is down"
+    );
+
+    server.run("start");
+    env.wait_for_count(500, ARRIVE).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(env.visible_count().await, 500);
+    let deadline = std::time::Instant::now() + ARRIVE;
+    while committed_sum(&env) < 500 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "offsets not committed after recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ingest.signal(Signal::SIGTERM);
+    assert!(ingest
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .is_some_and(|s| s.success()));
+}

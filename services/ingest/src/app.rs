@@ -35,6 +35,46 @@ pub enum AppError {
     Pipeline(#[from] crate::pipeline::PipelineError),
 }
 
+/// Applies pending migrations, or checks there are none when `migrate_on_start` is off.
+pub async fn prepare_schema(config: &IngestConfig) -> Result<(), AppError> {
+    if config.migrate_on_start {
+        let report = migrations::apply(&config.clickhouse).await?;
+        info!(applied = ?report.applied, "clickhouse schema is current");
+    } else {
+        migrations::ensure_current(&config.clickhouse).await?;
+    }
+    Ok(())
+}
+
+/// Everything a flush writes to: ClickHouse, the directory projection, the dead-letter topic.
+pub fn build_flusher(config: &IngestConfig, metrics: &IngestMetrics) -> Result<Flusher, AppError> {
+    let sink = ClickHouseSink::new(
+        config.clickhouse.client(),
+        config.retry.clone(),
+        metrics.clone(),
+    );
+    let dead_letters = DeadLetterProducer::new(
+        kafka::producer(&config.kafka)?,
+        config.dead_letter.topic.clone(),
+        metrics.clone(),
+        sink.backoff(),
+    );
+    let directory = config.directory.enrich.then(|| {
+        Directory::new(
+            sink.clone(),
+            config.directory.cache_entries,
+            Duration::from_millis(config.directory.cache_ttl_ms),
+            metrics.clone(),
+        )
+    });
+    Ok(Flusher {
+        sink,
+        directory,
+        dead_letters,
+        metrics: metrics.clone(),
+    })
+}
+
 pub struct Application {
     pipeline: Pipeline,
     ops: OpsState,
@@ -44,40 +84,15 @@ pub struct Application {
 impl Application {
     /// Applies (or checks) migrations and creates every client; nothing is consumed yet.
     pub async fn build(config: IngestConfig) -> Result<Self, AppError> {
-        if config.migrate_on_start {
-            let report = migrations::apply(&config.clickhouse).await?;
-            info!(applied = ?report.applied, "clickhouse schema is current");
-        } else {
-            migrations::ensure_current(&config.clickhouse).await?;
-        }
+        prepare_schema(&config).await?;
         let metrics = IngestMetrics::new();
         let client = config.clickhouse.client();
-        let sink = ClickHouseSink::new(client.clone(), config.retry.clone(), metrics.clone());
         let consumer = Arc::new(kafka::consumer(
             &config.kafka,
             &config.kafka.group_id,
             IngestContext::new(metrics.clone()),
         )?);
-        let dead_letters = DeadLetterProducer::new(
-            kafka::producer(&config.kafka)?,
-            config.dead_letter.topic.clone(),
-            metrics.clone(),
-            sink.backoff(),
-        );
-        let directory = config.directory.enrich.then(|| {
-            Directory::new(
-                sink.clone(),
-                config.directory.cache_entries,
-                Duration::from_millis(config.directory.cache_ttl_ms),
-                metrics.clone(),
-            )
-        });
-        let flusher = Arc::new(Flusher {
-            sink,
-            directory,
-            dead_letters,
-            metrics: metrics.clone(),
-        });
+        let flusher = Arc::new(build_flusher(&config, &metrics)?);
         let pipeline = Pipeline {
             consumer: Arc::clone(&consumer),
             flusher,

@@ -15,6 +15,7 @@ pub mod http;
 pub mod kafka;
 pub mod metrics;
 pub mod pipeline;
+pub mod replay;
 pub mod sink;
 
 pub use app::Application;

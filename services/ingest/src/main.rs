@@ -1,7 +1,8 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use audit_ingest::cli::{Cli, Command};
+use audit_ingest::cli::{Cli, Command, ReplayArgs};
+use audit_ingest::replay::{Bound, ReplayRange};
 use audit_ingest::{Application, IngestConfig};
 use clap::Parser;
 
@@ -32,6 +33,22 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             });
             app.run().await.context("audit-ingest stopped")?;
         }
+        Command::Replay(args) => {
+            let range = replay_range(args, &config)?;
+            let stop = tokio_util::sync::CancellationToken::new();
+            let on_signal = stop.clone();
+            tokio::spawn(async move {
+                audit_runtime::shutdown::signal().await;
+                on_signal.cancel();
+            });
+            let summary = audit_ingest::replay::replay(&config, &range.0, range.1, stop)
+                .await
+                .context("replay failed")?;
+            println!(
+                "replayed {} messages: {} events stored (duplicates collapse), {} dead-lettered",
+                summary.messages, summary.events, summary.dead_letters
+            );
+        }
         Command::Migrate => {
             let report = audit_store::migrations::apply(&config.clickhouse)
                 .await
@@ -40,4 +57,37 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+fn replay_range(args: ReplayArgs, config: &IngestConfig) -> anyhow::Result<(ReplayRange, bool)> {
+    let time = |flag: &str, value: &str| {
+        chrono::DateTime::parse_from_rfc3339(value)
+            .map(|t| Bound::Time(t.with_timezone(&chrono::Utc)))
+            .with_context(|| format!("{flag} {value:?} is not an RFC 3339 date-time"))
+    };
+    let from = match (args.from_offset, &args.from_time) {
+        (Some(offset), _) => Bound::Offset(offset),
+        (None, Some(at)) => time("--from-time", at)?,
+        (None, None) => Bound::Edge,
+    };
+    let to = match (args.to_offset, &args.to_time) {
+        (Some(offset), _) => Bound::Offset(offset),
+        (None, Some(at)) => time("--to-time", at)?,
+        (None, None) => Bound::Edge,
+    };
+    let topics = if args.topics.is_empty() {
+        config.kafka.topics.clone()
+    } else {
+        args.topics
+    };
+    let progress = !args.no_progress && std::io::IsTerminal::is_terminal(&std::io::stderr());
+    Ok((
+        ReplayRange {
+            topics,
+            partitions: args.partitions,
+            from,
+            to,
+        },
+        progress,
+    ))
 }

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# `make run`: the whole system locally. Installs what is missing, builds, starts the stack,
-# applies the ClickHouse migrations, and keeps running until Ctrl-C, which stops what it started.
+# `make run`: the whole system locally. Installs what is missing, builds, starts Kafka and
+# ClickHouse, starts the services (which apply the migrations), publishes demo events through
+# Kafka, and runs until Ctrl-C, which stops everything it started.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 cd "$REPO_ROOT"
@@ -8,9 +9,20 @@ cd "$REPO_ROOT"
 log "building the services"
 cargo build --workspace --bins
 
+SERVICES_DIR="$AUDIT_STATE_DIR/services"
+mkdir -p "$SERVICES_DIR"
+INGEST_PORT="${AUDIT_INGEST_HTTP_PORT:-18081}"
+
 started=()
+service_pids=()
 cleanup() {
-  local part
+  local pid part
+  for pid in "${service_pids[@]}"; do
+    kill -TERM "$pid" 2>/dev/null || true
+  done
+  for pid in "${service_pids[@]}"; do
+    wait "$pid" 2>/dev/null || true
+  done
   for part in "${started[@]}"; do
     "$LOCAL_DIR/$part.sh" stop || true
   done
@@ -25,20 +37,48 @@ for part in clickhouse kafka; do
   fi
 done
 
+export AUDIT_INGEST__KAFKA__BROKERS="127.0.0.1:$AUDIT_KAFKA_PORT"
 export AUDIT_INGEST__CLICKHOUSE__URL="http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT"
-export AUDIT_INGEST__TELEMETRY__LOG_FORMAT=pretty
-target/debug/audit-ingest migrate
+export AUDIT_INGEST__HTTP_LISTEN="127.0.0.1:$INGEST_PORT"
+export AUDIT_INGEST__TELEMETRY__LOG_FORMAT="${AUDIT_INGEST__TELEMETRY__LOG_FORMAT:-pretty}"
+
+log "starting audit-ingest (log: $SERVICES_DIR/ingest.log)"
+target/debug/audit-ingest run >"$SERVICES_DIR/ingest.log" 2>&1 &
+service_pids+=($!)
+wait_until 60 "audit-ingest" curl -fs "http://127.0.0.1:$INGEST_PORT/readyz" \
+  || { tail -n 30 "$SERVICES_DIR/ingest.log" >&2; die "audit-ingest did not become ready"; }
+
+# A fixed seed and run id: running `make run` again republishes the same events, which the
+# ingest de-duplicates, so the demo data does not grow.
+log "publishing demo events through Kafka"
+target/debug/audit-loadgen --brokers "127.0.0.1:$AUDIT_KAFKA_PORT" --count 400 --spread-days 7 \
+  --orgs org_demo,org_acme --seed 7 --run-id demo
+
+count() {
+  curl -fs "http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT/?database=audit" \
+    --data-binary "SELECT count() FROM audit_events FINAL WHERE id LIKE 'evt_demo_%'"
+}
+demo_arrived() { [[ "$(count)" -ge 400 ]]; }
+wait_until 60 "demo data" demo_arrived || log "demo events still arriving ($(count) of 400)"
 
 cat <<MSG
 
-  The local stack is up:
-    ClickHouse  http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT  (database "audit", migrations applied)
-    Kafka       127.0.0.1:$AUDIT_KAFKA_PORT  (topics: $AUDIT_TOPICS)
+  audit-logs is running locally:
+    ClickHouse    http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT  (database "audit")
+    Kafka         127.0.0.1:$AUDIT_KAFKA_PORT
+    audit-ingest  http://127.0.0.1:$INGEST_PORT/metrics  (log: $SERVICES_DIR/ingest.log)
 
-  The ingest and read services are not built yet (issues 3 and 4); this command will start
-  them, publish demo events and print ready-to-paste curl commands once they exist.
+  $(count) demo events were published through Kafka and ingested. Look at them:
 
-  Press Ctrl-C to stop what this command started.
+    curl -s 'http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT/?database=audit' --data-binary \\
+      "SELECT toDateTime(intDiv(occurred_at_ms, 1000)) AS at, event_type, actor_email, resource_name
+       FROM audit_events FINAL WHERE organization_id = 'org_demo' ORDER BY occurred_at_ms DESC LIMIT 10
+       FORMAT PrettyCompact"
+
+  More events: target/debug/audit-loadgen --count 1000
+  The read API (GET /api/v1/organization/audit-logs) arrives with issue 4.
+
+  Press Ctrl-C to stop everything this command started.
 MSG
 while true; do
   sleep 3600 &

@@ -29,6 +29,5 @@ done
 export AUDIT_TEST_CLICKHOUSE_URL="http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT"
 export AUDIT_TEST_KAFKA_BROKERS="127.0.0.1:$AUDIT_KAFKA_PORT"
 cd "$REPO_ROOT"
-cargo test --workspace --all-targets "$@"
-# Doc tests are not covered by --all-targets.
-cargo test --workspace --doc
+# Unit, integration and doc tests (not the benchmarks: `make bench`).
+cargo test --workspace "$@"

@@ -5,6 +5,11 @@ use audit_api::cli::{Cli, Command};
 use audit_api::ApiConfig;
 use clap::Parser;
 
+/// mimalloc: less time in malloc/free and less fragmentation than glibc's allocator under
+/// the many short-lived strings of a decode-and-insert loop.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[tokio::main]
 async fn main() -> ExitCode {
     match run(Cli::parse()).await {

@@ -101,6 +101,7 @@ impl Application {
             dead_letter: config.dead_letter.clone(),
             topics: config.kafka.topics.clone(),
             shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
+            final_commit: Default::default(),
         };
         let ops = OpsState {
             metrics,

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use audit_event::{AuditEvent, EventError};
+use audit_store::{AuditEventRow, Lineage};
 use opentelemetry::trace::SpanContext;
 use opentelemetry::trace::TraceContextExt;
 use rdkafka::message::{BorrowedMessage, Headers};
@@ -20,13 +21,6 @@ pub struct SourcePosition {
     pub offset: i64,
 }
 
-/// A valid event with its position.
-#[derive(Debug, Clone)]
-pub struct ConsumedEvent {
-    pub event: AuditEvent,
-    pub source: SourcePosition,
-}
-
 /// An invalid message, kept byte for byte for the dead-letter topic.
 #[derive(Debug, Clone)]
 pub struct DeadLetter {
@@ -40,7 +34,8 @@ pub struct DeadLetter {
 /// What one message became.
 #[derive(Debug)]
 pub enum Decoded {
-    Event(Box<ConsumedEvent>),
+    /// A valid event, already in its stored form (lineage set, `ingested_at_ms` still 0).
+    Event(Box<AuditEventRow>),
     Invalid(Box<DeadLetter>),
 }
 
@@ -53,7 +48,15 @@ pub fn decode(message: &BorrowedMessage<'_>) -> Decoded {
     };
     let payload = message.payload().unwrap_or_default();
     match AuditEvent::from_slice(payload) {
-        Ok(event) => Decoded::Event(Box::new(ConsumedEvent { event, source })),
+        Ok(event) => Decoded::Event(Box::new(AuditEventRow::from_event_owned(
+            event,
+            Lineage {
+                topic: source.topic,
+                partition: source.partition,
+                offset: source.offset,
+                ingested_at_ms: 0,
+            },
+        ))),
         Err(error) => Decoded::Invalid(Box::new(DeadLetter {
             key: message.key().map(<[u8]>::to_vec),
             payload: message.payload().map(<[u8]>::to_vec),
@@ -101,10 +104,11 @@ const MAX_TRACE_LINKS: usize = 64;
 /// Events and dead letters waiting for one flush.
 #[derive(Debug, Default)]
 pub struct EventBatch {
-    pub events: Vec<ConsumedEvent>,
+    pub events: Vec<AuditEventRow>,
     pub dead_letters: Vec<DeadLetter>,
-    /// Offset after the last message of each partition in this batch: what to commit.
-    pub next_offsets: BTreeMap<PartitionKey, i64>,
+    /// Offset after the last message of each partition in this batch: what to commit. A short
+    /// list searched linearly: a batch spans few partitions, and lookups allocate nothing.
+    positions: Vec<(PartitionKey, i64)>,
     pub trace_links: Vec<SpanContext>,
     bytes: usize,
     opened: Option<Instant>,
@@ -112,15 +116,22 @@ pub struct EventBatch {
 
 impl EventBatch {
     pub fn push(&mut self, decoded: Decoded, bytes: usize, trace: Option<SpanContext>) {
-        let source = match &decoded {
-            Decoded::Event(e) => &e.source,
-            Decoded::Invalid(d) => &d.source,
+        let (topic, partition, offset) = match &decoded {
+            Decoded::Event(e) => (&e.source_topic, e.source_partition, e.source_offset),
+            Decoded::Invalid(d) => (&d.source.topic, d.source.partition, d.source.offset),
         };
-        let key = (source.topic.clone(), source.partition);
-        let next = source.offset + 1;
-        let entry = self.next_offsets.entry(key).or_insert(next);
-        debug_assert!(*entry <= next, "offsets go forward within a partition");
-        *entry = (*entry).max(next);
+        let next = offset + 1;
+        match self
+            .positions
+            .iter_mut()
+            .find(|((t, p), _)| *p == partition && t == topic)
+        {
+            Some((_, entry)) => {
+                debug_assert!(*entry <= next, "offsets go forward within a partition");
+                *entry = (*entry).max(next);
+            }
+            None => self.positions.push(((topic.clone(), partition), next)),
+        }
         match decoded {
             Decoded::Event(event) => self.events.push(*event),
             Decoded::Invalid(letter) => self.dead_letters.push(*letter),
@@ -135,7 +146,12 @@ impl EventBatch {
     }
 
     pub fn is_empty(&self) -> bool {
-        self.next_offsets.is_empty()
+        self.positions.is_empty()
+    }
+
+    /// What to commit once this batch is durable.
+    pub fn next_offsets(&self) -> BTreeMap<PartitionKey, i64> {
+        self.positions.iter().cloned().collect()
     }
 
     pub fn len(&self) -> usize {
@@ -164,10 +180,12 @@ impl EventBatch {
     /// read those messages again from the last committed offset.
     pub fn drop_partitions(&mut self, revoked: &BTreeSet<PartitionKey>) -> usize {
         let before = self.len();
-        let owned = |s: &SourcePosition| !revoked.contains(&(s.topic.clone(), s.partition));
-        self.events.retain(|e| owned(&e.source));
-        self.dead_letters.retain(|d| owned(&d.source));
-        self.next_offsets.retain(|key, _| !revoked.contains(key));
+        let owned = |topic: &str, partition: i32| !revoked.contains(&(topic.to_owned(), partition));
+        self.events
+            .retain(|e| owned(&e.source_topic, e.source_partition));
+        self.dead_letters
+            .retain(|d| owned(&d.source.topic, d.source.partition));
+        self.positions.retain(|(key, _)| !revoked.contains(key));
         if self.is_empty() {
             *self = EventBatch::default();
         }
@@ -178,20 +196,20 @@ impl EventBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use audit_event::AuditEvent;
 
     fn event(topic: &str, partition: i32, offset: i64) -> Decoded {
         let json = format!(
             r#"{{"id":"e-{topic}-{partition}-{offset}","type":"user.logged_in","occurredAt":"2025-01-01T00:00:00Z","organizationId":"o","actor":{{"id":"u"}},"resource":{{"type":"session","id":"s"}}}}"#
         );
-        Decoded::Event(Box::new(ConsumedEvent {
-            event: AuditEvent::from_slice(json.as_bytes()).unwrap(),
-            source: SourcePosition {
+        Decoded::Event(Box::new(AuditEventRow::from_event_owned(
+            AuditEvent::from_slice(json.as_bytes()).unwrap(),
+            Lineage {
                 topic: topic.to_owned(),
                 partition,
                 offset,
+                ingested_at_ms: 0,
             },
-        }))
+        )))
     }
 
     #[test]
@@ -200,8 +218,8 @@ mod tests {
         batch.push(event("a", 0, 10), 100, None);
         batch.push(event("a", 0, 11), 100, None);
         batch.push(event("a", 1, 3), 100, None);
-        assert_eq!(batch.next_offsets[&("a".to_owned(), 0)], 12);
-        assert_eq!(batch.next_offsets[&("a".to_owned(), 1)], 4);
+        assert_eq!(batch.next_offsets()[&("a".to_owned(), 0)], 12);
+        assert_eq!(batch.next_offsets()[&("a".to_owned(), 1)], 4);
         assert_eq!(batch.len(), 3);
         assert_eq!(batch.bytes(), 300);
         assert!(batch.is_full(3, 10_000));
@@ -217,7 +235,7 @@ mod tests {
         let revoked = BTreeSet::from([("a".to_owned(), 0)]);
         assert_eq!(batch.drop_partitions(&revoked), 1);
         assert_eq!(batch.len(), 1);
-        assert!(!batch.next_offsets.contains_key(&("a".to_owned(), 0)));
+        assert!(!batch.next_offsets().contains_key(&("a".to_owned(), 0)));
         batch.drop_partitions(&BTreeSet::from([("a".to_owned(), 1)]));
         assert!(batch.is_empty());
         assert!(batch.deadline(Duration::from_secs(1)).is_none());

@@ -92,8 +92,8 @@ pub struct BatchConfig {
 impl Default for BatchConfig {
     fn default() -> Self {
         Self {
-            max_rows: 20_000,
-            max_bytes: 16 * 1024 * 1024,
+            max_rows: 10_000,
+            max_bytes: 8 * 1024 * 1024,
             max_age_ms: 250,
         }
     }

@@ -7,10 +7,9 @@ use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use audit_event::{ActorType, AuditEvent};
 use audit_store::clickhouse::{self, Row};
 use audit_store::{
-    DirectoryTeamRow, DirectoryUserRow, DIRECTORY_TEAMS_TABLE, DIRECTORY_USERS_TABLE,
+    AuditEventRow, DirectoryTeamRow, DirectoryUserRow, DIRECTORY_TEAMS_TABLE, DIRECTORY_USERS_TABLE,
 };
 use lru::LruCache;
 use serde::Deserialize;
@@ -124,34 +123,32 @@ where
 
 /// Facts stated by events: user emails (of user actors and affected users) and team names
 /// (of team resources). Extracted before enrichment, so filled-in values never become facts.
-pub fn facts_of<'a>(events: impl IntoIterator<Item = &'a AuditEvent>) -> BatchFacts {
+pub fn facts_of<'a>(rows: impl IntoIterator<Item = &'a AuditEventRow>) -> BatchFacts {
     let mut facts = BatchFacts::default();
-    for event in events {
+    for row in rows {
         let user = |id: &str, email: &str| DirectoryUserRow {
-            organization_id: event.organization_id.clone(),
+            organization_id: row.organization_id.clone(),
             user_id: id.to_owned(),
             email: email.to_owned(),
-            occurred_at_ms: event.occurred_at_millis(),
-            event_id: event.id.clone(),
+            occurred_at_ms: row.occurred_at_ms,
+            event_id: row.id.clone(),
         };
-        if event.actor.actor_type == ActorType::User {
-            if let Some(email) = &event.actor.email {
-                facts.users.push(user(&event.actor.id, email));
+        if row.actor_type == USER_ACTOR {
+            if let Some(email) = &row.actor_email {
+                facts.users.push(user(&row.actor_id, email));
             }
         }
-        if let Some(affected) = &event.affected_user {
-            if let Some(email) = &affected.email {
-                facts.users.push(user(&affected.id, email));
-            }
+        if let (Some(id), Some(email)) = (&row.affected_user_id, &row.affected_user_email) {
+            facts.users.push(user(id, email));
         }
-        if event.resource.resource_type == "team" {
-            if let Some(name) = &event.resource.name {
+        if row.resource_type == TEAM_RESOURCE {
+            if let Some(name) = &row.resource_name {
                 facts.teams.push(DirectoryTeamRow {
-                    organization_id: event.organization_id.clone(),
-                    team_id: event.resource.id.clone(),
+                    organization_id: row.organization_id.clone(),
+                    team_id: row.resource_id.clone(),
                     name: name.clone(),
-                    occurred_at_ms: event.occurred_at_millis(),
-                    event_id: event.id.clone(),
+                    occurred_at_ms: row.occurred_at_ms,
+                    event_id: row.id.clone(),
                 });
             }
         }
@@ -159,20 +156,21 @@ pub fn facts_of<'a>(events: impl IntoIterator<Item = &'a AuditEvent>) -> BatchFa
     facts
 }
 
-/// The fields of an event that the directory can fill.
-fn wanted_keys(event: &AuditEvent) -> Vec<FactKey> {
+const USER_ACTOR: &str = "user";
+const TEAM_RESOURCE: &str = "team";
+
+/// The fields of a row that the directory can fill.
+fn wanted_keys(row: &AuditEventRow) -> Vec<FactKey> {
     let mut keys = Vec::new();
-    let org = &event.organization_id;
-    if event.actor.actor_type == ActorType::User && event.actor.email.is_none() {
-        keys.push((FactKind::UserEmail, org.clone(), event.actor.id.clone()));
+    let org = &row.organization_id;
+    if row.actor_type == USER_ACTOR && row.actor_email.is_none() {
+        keys.push((FactKind::UserEmail, org.clone(), row.actor_id.clone()));
     }
-    if let Some(affected) = &event.affected_user {
-        if affected.email.is_none() {
-            keys.push((FactKind::UserEmail, org.clone(), affected.id.clone()));
-        }
+    if let (Some(id), None) = (&row.affected_user_id, &row.affected_user_email) {
+        keys.push((FactKind::UserEmail, org.clone(), id.clone()));
     }
-    if event.resource.resource_type == "team" && event.resource.name.is_none() {
-        keys.push((FactKind::TeamName, org.clone(), event.resource.id.clone()));
+    if row.resource_type == TEAM_RESOURCE && row.resource_name.is_none() {
+        keys.push((FactKind::TeamName, org.clone(), row.resource_id.clone()));
     }
     keys
 }
@@ -233,10 +231,10 @@ impl Directory {
     /// fill. Reads ClickHouse for keys the cache lacks (or holds for longer than the TTL).
     pub async fn resolve(
         &self,
-        events: &[AuditEvent],
+        rows: &[AuditEventRow],
         batch_facts: &BatchFacts,
     ) -> Result<KnownValues, InsertError> {
-        let wanted: HashSet<FactKey> = events.iter().flat_map(wanted_keys).collect();
+        let wanted: HashSet<FactKey> = rows.iter().flat_map(wanted_keys).collect();
         if wanted.is_empty() {
             return Ok(KnownValues::default());
         }
@@ -287,29 +285,43 @@ impl Directory {
         })))
     }
 
-    /// Fills the event's missing fields from `known`; returns how many were filled.
-    pub fn fill(&self, event: &mut AuditEvent, known: &KnownValues) -> usize {
-        let known = &known.0;
-        let org = event.organization_id.clone();
+    /// Fills the row's missing fields from `known`; returns how many were filled.
+    pub fn fill(&self, row: &mut AuditEventRow, known: &KnownValues) -> usize {
+        if known.0.is_empty() {
+            return 0;
+        }
         let mut filled = 0;
-        let mut lookup = |kind, id: &str, field: &str| {
-            let value = known.get(&(kind, org.clone(), id.to_owned())).cloned();
+        let mut lookup = |kind, org: &str, id: &str, field: &str| {
+            let value = known.0.get(&(kind, org.to_owned(), id.to_owned())).cloned();
             if value.is_some() {
                 self.metrics.enriched.with_label_values(&[field]).inc();
                 filled += 1;
             }
             value
         };
-        if event.actor.actor_type == ActorType::User && event.actor.email.is_none() {
-            event.actor.email = lookup(FactKind::UserEmail, &event.actor.id, "actor_email");
+        if row.actor_type == USER_ACTOR && row.actor_email.is_none() {
+            row.actor_email = lookup(
+                FactKind::UserEmail,
+                &row.organization_id,
+                &row.actor_id,
+                "actor_email",
+            );
         }
-        if let Some(affected) = event.affected_user.as_mut() {
-            if affected.email.is_none() {
-                affected.email = lookup(FactKind::UserEmail, &affected.id, "affected_user_email");
-            }
+        if let (Some(id), None) = (&row.affected_user_id, &row.affected_user_email) {
+            row.affected_user_email = lookup(
+                FactKind::UserEmail,
+                &row.organization_id,
+                id,
+                "affected_user_email",
+            );
         }
-        if event.resource.resource_type == "team" && event.resource.name.is_none() {
-            event.resource.name = lookup(FactKind::TeamName, &event.resource.id, "resource_name");
+        if row.resource_type == TEAM_RESOURCE && row.resource_name.is_none() {
+            row.resource_name = lookup(
+                FactKind::TeamName,
+                &row.organization_id,
+                &row.resource_id,
+                "resource_name",
+            );
         }
         filled
     }
@@ -462,8 +474,17 @@ pub async fn stored_user_email(
 mod tests {
     use super::*;
 
-    fn event(json: &str) -> AuditEvent {
-        AuditEvent::from_slice(json.as_bytes()).unwrap()
+    fn event(json: &str) -> AuditEventRow {
+        let event = audit_event::AuditEvent::from_slice(json.as_bytes()).unwrap();
+        AuditEventRow::from_event_owned(
+            event,
+            audit_store::Lineage {
+                topic: "t".into(),
+                partition: 0,
+                offset: 0,
+                ingested_at_ms: 0,
+            },
+        )
     }
 
     #[test]

@@ -6,13 +6,13 @@ use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use audit_event::{EventError, RejectReason};
-use audit_store::{AuditEventRow, Lineage, EVENTS_TABLE};
+use audit_store::{AuditEventRow, EVENTS_TABLE};
 use backon::Retryable;
 use rdkafka::error::KafkaError;
 use tracing::{info_span, warn, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
-use crate::batch::{DeadLetter, EventBatch};
+use crate::batch::{DeadLetter, EventBatch, SourcePosition};
 use crate::dead_letter::DeadLetterProducer;
 use crate::directory::{facts_of, Directory, KnownValues};
 use crate::kafka::PartitionKey;
@@ -57,21 +57,19 @@ impl Flusher {
     }
 
     async fn flush_inner(&self, batch: EventBatch) -> Result<FlushedBatch, FlushError> {
+        let next_offsets = batch.next_offsets();
         let EventBatch {
-            events,
+            events: mut rows,
             mut dead_letters,
-            next_offsets,
             ..
         } = batch;
-        let (mut events, sources): (Vec<_>, Vec<_>) =
-            events.into_iter().map(|e| (e.event, e.source)).unzip();
 
         let facts = match &self.directory {
-            Some(directory) => directory.prepare(facts_of(&events)),
+            Some(directory) => directory.prepare(facts_of(&rows)),
             None => Default::default(),
         };
         if let Some(directory) = &self.directory {
-            let known = (|| directory.resolve(&events, &facts))
+            let known = (|| directory.resolve(&rows, &facts))
                 .retry(self.sink.backoff())
                 .when(InsertError::is_transient)
                 .notify(|err, _| {
@@ -87,8 +85,8 @@ impl Flusher {
                     warn!(error = %err, "directory read rejected; batch stored without enrichment");
                     KnownValues::default()
                 });
-            for event in &mut events {
-                directory.fill(event, &known);
+            for row in &mut rows {
+                directory.fill(row, &known);
             }
         }
 
@@ -96,22 +94,9 @@ impl Flusher {
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or_default();
-        let rows: Vec<AuditEventRow> = events
-            .iter()
-            .zip(&sources)
-            .map(|(event, source)| {
-                AuditEventRow::from_event(
-                    event,
-                    &Lineage {
-                        topic: source.topic.clone(),
-                        partition: source.partition,
-                        offset: source.offset,
-                        ingested_at_ms,
-                    },
-                )
-            })
-            .collect();
-
+        for row in &mut rows {
+            row.ingested_at_ms = ingested_at_ms;
+        }
         let bytes: usize = rows.iter().map(AuditEventRow::wire_size).sum();
         let rejected = self.insert_events(&rows).await;
         let mut inserted_per_topic: BTreeMap<&str, u64> = BTreeMap::new();
@@ -126,12 +111,18 @@ impl Flusher {
             newest_ms = newest_ms.max(Some(row.occurred_at_ms));
         }
         for (index, error) in &rejected {
+            let row = &rows[*index];
             dead_letters.push(DeadLetter {
-                key: None,
-                payload: Some(events[*index].to_json().into_bytes()),
-                headers: Vec::new(),
+                key: Some(row.id.clone().into_bytes()),
+                // The original bytes are gone by now; the row as it was to be stored stands in.
+                payload: serde_json::to_vec(row).ok(),
+                headers: vec![("dlq.payload.form".to_owned(), Some(b"stored_row".to_vec()))],
                 error: EventError::new(RejectReason::StorageRejected, error.to_string()),
-                source: sources[*index].clone(),
+                source: SourcePosition {
+                    topic: row.source_topic.clone(),
+                    partition: row.source_partition,
+                    offset: row.source_offset,
+                },
             });
         }
 

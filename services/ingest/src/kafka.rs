@@ -138,8 +138,9 @@ pub fn consumer(
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "1000"),
             // Bounded prefetch: memory stays flat while ClickHouse is slow or down.
-            ("queued.max.messages.kbytes", "32768"),
-            ("fetch.message.max.bytes", "4194304"),
+            ("queued.max.messages.kbytes", "16384"),
+            ("queued.min.messages", "20000"),
+            ("fetch.max.bytes", "16777216"),
         ],
         &[
             ("group.id", group_id),

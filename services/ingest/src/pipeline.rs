@@ -1,13 +1,16 @@
 //! The consume loop: Kafka -> decode -> batch -> flush -> commit. One flush runs while the next
-//! batch fills; when that batch is full too, the assigned partitions are paused (the consumer
-//! keeps polling, so the group membership holds) until the flush completes. Offsets are
+//! batch fills; when that batch is full too, consumption waits for the flush, and if that takes
+//! long (ClickHouse slow or down) the assigned partitions are paused while the consumer keeps
+//! polling, so the group membership holds. Offsets are
 //! committed only after their flush, in order, so a committed offset never passes an event
 //! ClickHouse has not acknowledged.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
@@ -93,9 +96,14 @@ pub struct Pipeline {
     pub dead_letter: DeadLetterConfig,
     pub topics: Vec<String>,
     pub shutdown_timeout: Duration,
+    /// Set while shutting down: commits become synchronous.
+    pub final_commit: std::sync::atomic::AtomicBool,
 }
 
 type InFlight = JoinHandle<Result<FlushedBatch, FlushError>>;
+
+/// How long a full batch waits for the flush ahead of it before the partitions are paused.
+const PAUSE_AFTER: Duration = Duration::from_secs(5);
 
 impl Pipeline {
     /// Consumes until `shutdown` is cancelled (then flushes, commits and leaves the group) or a
@@ -113,6 +121,7 @@ impl Pipeline {
         let mut batch = EventBatch::default();
         let mut in_flight: Option<InFlight> = None;
         let mut paused = false;
+        let mut blocked_since: Option<Instant> = None;
         let mut guard = InvalidRatioGuard::new(&self.dead_letter);
         let max_age = self.batch.max_age();
 
@@ -128,12 +137,23 @@ impl Pipeline {
             if due && in_flight.is_none() {
                 in_flight = Some(self.start_flush(std::mem::take(&mut batch)));
             }
-            let want_pause =
+            // Back-pressure: with a flush in flight and the next batch full, stop taking messages
+            // (librdkafka's bounded prefetch queue fills, then fetching stops). If the flush
+            // takes longer than PAUSE_AFTER (ClickHouse slow or down), pause the partitions and
+            // go on polling, so that the group membership and rebalances keep working.
+            let blocked =
                 in_flight.is_some() && batch.is_full(self.batch.max_rows, self.batch.max_bytes);
-            if want_pause != paused {
-                self.set_paused(want_pause);
-                paused = want_pause;
+            if !blocked {
+                blocked_since = None;
+                if paused {
+                    self.set_paused(false);
+                    paused = false;
+                }
+            } else if blocked_since.is_none() {
+                blocked_since = Some(Instant::now());
             }
+            let pause_at = blocked_since.map(|since| since + PAUSE_AFTER);
+            let take_messages = !blocked || paused;
             let deadline = batch
                 .deadline(max_age)
                 .map(Instant::from_std)
@@ -150,30 +170,47 @@ impl Pipeline {
                         Err(err) => break Err(PipelineError::FlushTask(err)),
                     }
                 }
-                received = self.consumer.recv() => match received {
+                _ = async { tokio::time::sleep_until(pause_at.expect("guarded by if")).await }, if blocked && !paused => {
+                    self.set_paused(true);
+                    paused = true;
+                }
+                received = self.consumer.recv(), if take_messages => match received {
                     Ok(message) => {
-                        // The rebalance callbacks ran inside this recv(): forget the revoked
-                        // partitions before adding a message of the new assignment.
                         if self.forget_revoked(&mut batch) {
                             paused = false;
                         }
-                        let topic = message.topic().to_owned();
-                        self.metrics.consumed.with_label_values(&[topic.as_str()]).inc();
-                        let size = message.payload_len();
-                        let trace = trace_context(&message);
-                        let decoded = decode(&message);
-                        if let Decoded::Invalid(letter) = &decoded {
-                            debug!(topic, partition = letter.source.partition, offset = letter.source.offset,
-                                   reason = %letter.error.reason, "invalid message");
-                        }
-                        if let Err(err) = guard.record(matches!(decoded, Decoded::Event(_))) {
+                        if let Err(err) = self.accept(&message, &mut batch, &mut guard) {
                             break Err(err);
                         }
-                        batch.push(decoded, size, trace);
+                        drop(message);
+                        // Take what is already buffered without going round the select (and its
+                        // timer) once per message.
+                        let mut outcome = Ok(());
+                        while !paused && !batch.is_full(self.batch.max_rows, self.batch.max_bytes) {
+                            let Some(next) = self.consumer.recv().now_or_never() else { break };
+                            match next {
+                                Ok(message) => {
+                                    if self.forget_revoked(&mut batch) {
+                                        paused = false;
+                                    }
+                                    outcome = self.accept(&message, &mut batch, &mut guard);
+                                    if outcome.is_err() {
+                                        break;
+                                    }
+                                }
+                                Err(err) => {
+                                    warn!(error = %err, "kafka consumer error");
+                                    break;
+                                }
+                            }
+                        }
+                        if let Err(err) = outcome {
+                            break Err(err);
+                        }
                     }
                     Err(err) => warn!(error = %err, "kafka consumer error"),
                 },
-                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() => {}
+                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() && !blocked => {}
             }
         };
 
@@ -198,6 +235,8 @@ impl Pipeline {
             }
             Err(err) => {
                 // Let a flush already under way finish: what it stored gets committed.
+                self.final_commit
+                    .store(true, std::sync::atomic::Ordering::Relaxed);
                 if let Some(handle) = in_flight {
                     if let Ok(Ok(Ok(flushed))) =
                         tokio::time::timeout(self.shutdown_timeout, handle).await
@@ -216,6 +255,8 @@ impl Pipeline {
         in_flight: Option<InFlight>,
         batch: EventBatch,
     ) -> Result<(), PipelineError> {
+        self.final_commit
+            .store(true, std::sync::atomic::Ordering::Relaxed);
         if let Some(handle) = in_flight {
             let flushed = handle.await??;
             self.commit(&flushed);
@@ -226,6 +267,35 @@ impl Pipeline {
             let flushed = self.flusher.flush(batch).await?;
             self.commit(&flushed);
         }
+        Ok(())
+    }
+
+    /// Decodes one message into the batch. The rebalance callbacks run inside `recv()`, so the
+    /// caller forgets revoked partitions before calling this with a message of the new assignment.
+    fn accept(
+        &self,
+        message: &BorrowedMessage<'_>,
+        batch: &mut EventBatch,
+        guard: &mut InvalidRatioGuard,
+    ) -> Result<(), PipelineError> {
+        self.metrics
+            .consumed
+            .with_label_values(&[message.topic()])
+            .inc();
+        let size = message.payload_len();
+        let trace = trace_context(message);
+        let decoded = decode(message);
+        if let Decoded::Invalid(letter) = &decoded {
+            debug!(
+                topic = letter.source.topic,
+                partition = letter.source.partition,
+                offset = letter.source.offset,
+                reason = %letter.error.reason,
+                "invalid message"
+            );
+        }
+        guard.record(matches!(decoded, Decoded::Event(_)))?;
+        batch.push(decoded, size, trace);
         Ok(())
     }
 
@@ -281,7 +351,14 @@ impl Pipeline {
                 warn!(topic, partition, error = %err, "cannot build offset list");
             }
         }
-        match self.consumer.commit(&offsets, CommitMode::Sync) {
+        // Async: the commit is queued in order behind earlier ones and the loop goes on; the
+        // final commit at shutdown is synchronous (see `drain`).
+        let mode = if self.final_commit.load(std::sync::atomic::Ordering::Relaxed) {
+            CommitMode::Sync
+        } else {
+            CommitMode::Async
+        };
+        match self.consumer.commit(&offsets, mode) {
             Ok(()) => {
                 for ((topic, partition), next) in &flushed.next_offsets {
                     self.metrics

@@ -174,24 +174,37 @@ impl AuditEvent {
                 ),
             ));
         }
-        let mut de = serde_json::Deserializer::from_slice(bytes);
-        let wire: WireEvent = serde_path_to_error::deserialize(&mut de).map_err(|err| {
-            let path = err.path().to_string();
-            let inner = err.into_inner();
-            let reason = match inner.classify() {
-                serde_json::error::Category::Data => RejectReason::SchemaViolation,
-                _ => RejectReason::NotJson,
-            };
-            let detail = if reason == RejectReason::SchemaViolation && path != "." {
-                format!("{path}: {inner}")
-            } else {
-                inner.to_string()
-            };
-            EventError::new(reason, detail)
-        })?;
-        de.end()
-            .map_err(|err| EventError::new(RejectReason::NotJson, err.to_string()))?;
+        // Fast path without path tracking; only a failure is parsed again to name the field.
+        let wire: WireEvent = match serde_json::from_slice(bytes) {
+            Ok(wire) => wire,
+            Err(_) => return Err(Self::explain(bytes)),
+        };
         Self::from_wire(wire)
+    }
+
+    /// The error of a message that failed to parse, with the path of the offending field.
+    fn explain(bytes: &[u8]) -> EventError {
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let parsed: Result<WireEvent, _> = serde_path_to_error::deserialize(&mut de);
+        let err = match parsed.map(|_| de.end()) {
+            Ok(Ok(())) => return EventError::new(RejectReason::NotJson, "unparseable message"),
+            Ok(Err(trailing)) => {
+                return EventError::new(RejectReason::NotJson, trailing.to_string())
+            }
+            Err(err) => err,
+        };
+        let path = err.path().to_string();
+        let inner = err.into_inner();
+        let reason = match inner.classify() {
+            serde_json::error::Category::Data => RejectReason::SchemaViolation,
+            _ => RejectReason::NotJson,
+        };
+        let detail = if reason == RejectReason::SchemaViolation && path != "." {
+            format!("{path}: {inner}")
+        } else {
+            inner.to_string()
+        };
+        EventError::new(reason, detail)
     }
 
     fn from_wire(wire: WireEvent) -> Result<Self, EventError> {

@@ -25,12 +25,13 @@ const MAX_NAME_CHARS: usize = 256;
 const MAX_CHANGES: usize = 1000;
 
 pub fn is_valid_event_type(value: &str) -> bool {
-    value.chars().count() <= MAX_ID_CHARS && EVENT_TYPE.is_match(value)
+    (value.len() <= MAX_ID_CHARS || value.chars().count() <= MAX_ID_CHARS)
+        && EVENT_TYPE.is_match(value)
 }
 
 pub fn is_valid_organization_id(value: &str) -> bool {
-    let chars = value.chars().count();
-    (1..=MAX_ID_CHARS).contains(&chars) && ORGANIZATION_ID.is_match(value)
+    // The pattern admits ASCII only, so bytes are characters.
+    (1..=MAX_ID_CHARS).contains(&value.len()) && ORGANIZATION_ID.is_match(value)
 }
 
 pub(crate) fn check(event: &AuditEvent) -> Result<(), EventError> {
@@ -107,6 +108,10 @@ pub(crate) fn check(event: &AuditEvent) -> Result<(), EventError> {
 }
 
 fn length(field: &str, value: &str, min: usize, max: usize) -> Result<(), EventError> {
+    // A string is never longer in characters than in bytes: count only when it could matter.
+    if value.len() <= max && (min == 0 || !value.is_empty()) {
+        return Ok(());
+    }
     let chars = value.chars().count();
     if chars < min {
         return Err(EventError::field(field, "must not be empty"));

@@ -6,7 +6,7 @@ mod error;
 pub mod migrations;
 mod rows;
 
-pub use config::ClickHouseConfig;
+pub use config::{ClickHouseConfig, Compression};
 pub use error::StoreError;
 pub use rows::{
     AuditEventRow, DirectoryTeamRow, DirectoryUserRow, Lineage, DIRECTORY_TEAMS_TABLE,

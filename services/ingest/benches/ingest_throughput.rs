@@ -1,0 +1,510 @@
+//! `make bench`: ingest throughput, freshness and memory of `audit-ingest`, with reference lines,
+//! in one process invocation so that the ratios hold on a noisy machine.
+//!
+//! Needs the local stack (`make up`) and the release binaries (`cargo build --release --bins`).
+//! Figures printed:
+//!   1. audit-ingest: 1,000,000 events from pre-filled topics, sustained events/s, peak RSS.
+//!   2. Reference: ClickHouse's own Kafka table engine + materialized view on the same topics.
+//!   3. Reference (ceiling): INSERT ... FORMAT RowBinary of the same rows from a file.
+//!   4. Freshness at a fixed 5,000 events/s: produce -> visible, p50 / p99 / max.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use audit_store::clickhouse::{self, Row};
+use audit_store::{migrations, ClickHouseConfig};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
+use rdkafka::{Offset, TopicPartitionList};
+use serde::Deserialize;
+
+const EVENTS: u64 = 1_000_000;
+const PARTITIONS: i32 = 6;
+const FRESHNESS_RATE: u64 = 5_000;
+const FRESHNESS_SECONDS: u64 = 30;
+
+fn env_or(name: &str, default: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| default.to_owned())
+}
+
+fn brokers() -> String {
+    env_or("AUDIT_TEST_KAFKA_BROKERS", "127.0.0.1:19092")
+}
+
+fn clickhouse_url() -> String {
+    env_or("AUDIT_TEST_CLICKHOUSE_URL", "http://127.0.0.1:18123")
+}
+
+fn release_binary(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/release")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --release --bins` first",
+        path.display()
+    );
+    path
+}
+
+struct Topics {
+    users: String,
+    teams: String,
+    auth: String,
+}
+
+impl Topics {
+    fn all(&self) -> Vec<String> {
+        vec![self.users.clone(), self.teams.clone(), self.auth.clone()]
+    }
+}
+
+async fn create_topics(prefix: &str) -> Topics {
+    let topics = Topics {
+        users: format!("{prefix}.users"),
+        teams: format!("{prefix}.teams"),
+        auth: format!("{prefix}.auth"),
+    };
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let mut names = topics.all();
+    names.push(format!("{prefix}.dlq"));
+    let new: Vec<NewTopic<'_>> = names
+        .iter()
+        .map(|n| NewTopic::new(n, PARTITIONS, TopicReplication::Fixed(1)))
+        .collect();
+    for result in admin
+        .create_topics(&new, &AdminOptions::new())
+        .await
+        .unwrap()
+    {
+        result.unwrap();
+    }
+    topics
+}
+
+fn loadgen(topics: &Topics, count: u64, rate: u64, run: &str) -> Command {
+    let mut command = Command::new(release_binary("audit-loadgen"));
+    command.args([
+        "--brokers",
+        &brokers(),
+        "--count",
+        &count.to_string(),
+        "--rate",
+        &rate.to_string(),
+        "--users-topic",
+        &topics.users,
+        "--teams-topic",
+        &topics.teams,
+        "--auth-topic",
+        &topics.auth,
+        "--run-id",
+        run,
+    ]);
+    command
+}
+
+async fn fresh_database(name: &str) -> ClickHouseConfig {
+    let config = ClickHouseConfig {
+        url: clickhouse_url(),
+        database: name.to_owned(),
+        ..ClickHouseConfig::default()
+    };
+    migrations::apply(&config).await.expect("migrations");
+    config
+}
+
+async fn count(client: &clickhouse::Client, table: &str) -> u64 {
+    client
+        .query(&format!("SELECT count() FROM {table}"))
+        .fetch_one()
+        .await
+        .unwrap_or(0)
+}
+
+fn spawn_ingest(topics: &Topics, prefix: &str, database: &str, group: &str) -> Child {
+    Command::new(release_binary("audit-ingest"))
+        .arg("run")
+        .env("AUDIT_INGEST__KAFKA__BROKERS", brokers())
+        .env("AUDIT_INGEST__KAFKA__GROUP_ID", group)
+        .env("AUDIT_INGEST__KAFKA__TOPICS", topics.all().join(","))
+        .env("AUDIT_INGEST__DEAD_LETTER__TOPIC", format!("{prefix}.dlq"))
+        .env("AUDIT_INGEST__CLICKHOUSE__URL", clickhouse_url())
+        .env("AUDIT_INGEST__CLICKHOUSE__DATABASE", database)
+        .env("AUDIT_INGEST__HTTP_LISTEN", "127.0.0.1:0")
+        .env("AUDIT_INGEST__TELEMETRY__LOG_FILTER", "warn")
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("audit-ingest")
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+struct Throughput {
+    seconds: f64,
+    rate: f64,
+    peak_rss_mb: f64,
+}
+
+/// Polls `table` until it holds `target` rows; the rate counts from the first row seen.
+async fn wait_rows(
+    client: &clickhouse::Client,
+    table: &str,
+    target: u64,
+    pid: Option<u32>,
+    limit: Duration,
+) -> Option<Throughput> {
+    let started = Instant::now();
+    let mut first: Option<(Instant, u64)> = None;
+    let mut peak = 0.0_f64;
+    loop {
+        if let Some(pid) = pid {
+            peak = peak.max(rss_mb(pid));
+        }
+        let rows = count(client, table).await;
+        let now = Instant::now();
+        if rows > 0 && first.is_none() {
+            first = Some((now, rows));
+        }
+        if rows >= target {
+            let (t0, n0) = first.unwrap_or((started, 0));
+            let window = now.duration_since(t0).as_secs_f64();
+            let rate = if window > 0.0 {
+                (rows - n0) as f64 / window
+            } else {
+                f64::NAN
+            };
+            return Some(Throughput {
+                seconds: now.duration_since(started).as_secs_f64(),
+                rate,
+                peak_rss_mb: peak,
+            });
+        }
+        if started.elapsed() > limit {
+            return None;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Commits offset 0 on every partition for `group`, so a new member starts at the beginning.
+fn rewind_group(topics: &Topics, group: &str) {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .set("group.id", group)
+        .create()
+        .unwrap();
+    let mut offsets = TopicPartitionList::new();
+    for topic in topics.all() {
+        for partition in 0..PARTITIONS {
+            offsets
+                .add_partition_offset(&topic, partition, Offset::Offset(0))
+                .unwrap();
+        }
+    }
+    consumer
+        .commit(&offsets, CommitMode::Sync)
+        .expect("commit start offsets");
+}
+
+async fn kafka_engine(topics: &Topics, database: &str, group: &str) -> Option<Throughput> {
+    let config = fresh_database(database).await;
+    let client = config.client();
+    rewind_group(topics, group);
+    let ddl = format!(
+        "CREATE TABLE kafka_source (
+            id String, type String, occurredAt String, organizationId String,
+            `actor.id` String, `actor.type` String, `actor.email` String, `actor.name` String,
+            `resource.type` String, `resource.id` String, `resource.name` String,
+            `affectedUser.id` String, `affectedUser.email` String,
+            `context.ip` String, `context.userAgent` String, `context.requestId` String, `context.location` String
+        ) ENGINE = Kafka('{}', '{}', '{group}', 'JSONEachRow')",
+        brokers(),
+        topics.all().join(",")
+    );
+    client
+        .query(&ddl)
+        .execute()
+        .await
+        .expect("kafka engine table");
+    let view = "CREATE MATERIALIZED VIEW kafka_view TO audit_events AS SELECT
+            organizationId AS organization_id,
+            toInt64(toUnixTimestamp(parseDateTimeBestEffort(occurredAt))) * 1000 + toInt64(substring(occurredAt, 21, 3)) AS occurred_at_ms,
+            id, type AS event_type, `actor.id` AS actor_id, if(`actor.type` = '', 'user', `actor.type`) AS actor_type,
+            nullIf(`actor.email`, '') AS actor_email, nullIf(`actor.name`, '') AS actor_name,
+            `resource.type` AS resource_type, `resource.id` AS resource_id, nullIf(`resource.name`, '') AS resource_name,
+            nullIf(`affectedUser.id`, '') AS affected_user_id, nullIf(`affectedUser.email`, '') AS affected_user_email,
+            '[]' AS changes, nullIf(`context.ip`, '') AS context_ip, nullIf(`context.userAgent`, '') AS context_user_agent,
+            nullIf(`context.requestId`, '') AS context_request_id, nullIf(`context.location`, '') AS context_location,
+            CAST(NULL AS Nullable(String)) AS metadata, '' AS source_topic, toInt32(0) AS source_partition,
+            toInt64(0) AS source_offset, toUInt64(toUnixTimestamp(now())) * 1000 AS ingested_at_ms
+        FROM kafka_source";
+    client
+        .query(view)
+        .execute()
+        .await
+        .expect("materialized view");
+    let result = wait_rows(
+        &client,
+        "audit_events",
+        EVENTS,
+        None,
+        Duration::from_secs(600),
+    )
+    .await;
+    let _ = client.query("DROP TABLE kafka_view").execute().await;
+    let _ = client.query("DROP TABLE kafka_source").execute().await;
+    result
+}
+
+/// Exports the rows audit-ingest stored as RowBinary, then times inserting that file.
+async fn raw_insert(source_database: &str, database: &str) -> Throughput {
+    let config = fresh_database(database).await;
+    let file = std::env::temp_dir().join(format!("{database}.rowbinary"));
+    let export = Command::new("curl")
+        .args(["-sS", "--fail", "-o"])
+        .arg(&file)
+        .arg(format!("{}/?database={source_database}", clickhouse_url()))
+        .args([
+            "--data-binary",
+            "SELECT * FROM audit_events FORMAT RowBinary",
+        ])
+        .status()
+        .unwrap();
+    assert!(export.success(), "export failed");
+    let started = Instant::now();
+    let insert = Command::new("curl")
+        .args(["-sS", "--fail", "-X", "POST", "-T"])
+        .arg(&file)
+        .arg(format!(
+            "{}/?database={database}&query=INSERT%20INTO%20audit_events%20FORMAT%20RowBinary",
+            clickhouse_url()
+        ))
+        .status()
+        .unwrap();
+    let seconds = started.elapsed().as_secs_f64();
+    assert!(insert.success(), "insert failed");
+    let rows = count(&config.client(), "audit_events").await;
+    let _ = std::fs::remove_file(&file);
+    Throughput {
+        seconds,
+        rate: rows as f64 / seconds,
+        peak_rss_mb: 0.0,
+    }
+}
+
+#[derive(Row, Deserialize)]
+struct Arrival {
+    ingested_at_ms: u64,
+    occurred_at_ms: i64,
+}
+
+/// Produce -> visible latency at a fixed rate: events carry their production time as occurredAt;
+/// a poller records when each first shows up.
+async fn freshness(suffix: &str) -> (Vec<f64>, f64) {
+    let prefix = format!("bench.fresh.{suffix}");
+    let topics = create_topics(&prefix).await;
+    let database = format!("bench_fresh_{suffix}");
+    let config = fresh_database(&database).await;
+    let client = config.client();
+    let mut ingest = spawn_ingest(
+        &topics,
+        &prefix,
+        &database,
+        &format!("bench-fresh-{suffix}"),
+    );
+    tokio::time::sleep(Duration::from_secs(5)).await; // join the group
+    let total = FRESHNESS_RATE * FRESHNESS_SECONDS;
+    let mut producer = loadgen(&topics, total, FRESHNESS_RATE, &format!("fresh{suffix}"))
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut last_ingested = 0_u64;
+    let mut peak = 0.0_f64;
+    let deadline = Instant::now() + Duration::from_secs(FRESHNESS_SECONDS + 60);
+    while (latencies.len() as u64) < total && Instant::now() < deadline {
+        peak = peak.max(rss_mb(ingest.id()));
+        let rows: Vec<Arrival> = client
+            .query(
+                "SELECT ingested_at_ms, occurred_at_ms FROM audit_events WHERE ingested_at_ms > ?",
+            )
+            .bind(last_ingested)
+            .fetch_all()
+            .await
+            .unwrap_or_default();
+        let seen_at = chrono::Utc::now().timestamp_millis();
+        for row in rows {
+            last_ingested = last_ingested.max(row.ingested_at_ms);
+            latencies.push((seen_at - row.occurred_at_ms) as f64 / 1000.0);
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ = producer.wait();
+    let _ = ingest.kill();
+    let _ = ingest.wait();
+    latencies.sort_by(f64::total_cmp);
+    (latencies, peak)
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[tokio::main]
+async fn main() {
+    let suffix = chrono::Utc::now().format("%m%d%H%M%S").to_string();
+    let prefix = format!("bench.events.{suffix}");
+    eprintln!("bench: pre-filling {EVENTS} events into {prefix}.*");
+    let topics = create_topics(&prefix).await;
+    let fill = loadgen(&topics, EVENTS, 0, &format!("b{suffix}"))
+        .output()
+        .unwrap();
+    assert!(fill.status.success(), "loadgen failed");
+    let fill_line = String::from_utf8_lossy(&fill.stdout).trim().to_owned();
+
+    eprintln!("bench: audit-ingest");
+    let ingest_db = format!("bench_ingest_{suffix}");
+    let config = fresh_database(&ingest_db).await;
+    let mut ingest = spawn_ingest(
+        &topics,
+        &prefix,
+        &ingest_db,
+        &format!("bench-ingest-{suffix}"),
+    );
+    let ours = wait_rows(
+        &config.client(),
+        "audit_events",
+        EVENTS,
+        Some(ingest.id()),
+        Duration::from_secs(600),
+    )
+    .await
+    .expect("audit-ingest did not store every event within 600 s");
+    let _ = ingest.kill();
+    let _ = ingest.wait();
+
+    eprintln!("bench: ClickHouse Kafka engine");
+    let engine = kafka_engine(
+        &topics,
+        &format!("bench_engine_{suffix}"),
+        &format!("bench-engine-{suffix}"),
+    )
+    .await;
+
+    eprintln!("bench: raw RowBinary insert");
+    let ceiling = raw_insert(&ingest_db, &format!("bench_raw_{suffix}")).await;
+
+    eprintln!("bench: freshness at {FRESHNESS_RATE} events/s for {FRESHNESS_SECONDS} s");
+    let (latencies, fresh_rss) = freshness(&suffix).await;
+
+    let engine_rate = engine.as_ref().map_or(f64::NAN, |e| e.rate);
+    let p50 = percentile(&latencies, 0.50);
+    let p99 = percentile(&latencies, 0.99);
+    let max = latencies.last().copied().unwrap_or(f64::NAN);
+    let peak_rss = ours.peak_rss_mb.max(fresh_rss);
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+
+    println!(
+        "# audit-ingest benchmark ({} UTC)",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M")
+    );
+    println!();
+    println!(
+        "machine: {} cores; ClickHouse {} and Kafka on loopback (make up); {fill_line}",
+        num_cpus(),
+        server_version().await
+    );
+    println!();
+    println!("| line | events | seconds | events/s | vs audit-ingest |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| audit-ingest (1M pre-filled, sustained) | {EVENTS} | {:.1} | {:.0} | 1.00 |",
+        ours.seconds, ours.rate
+    );
+    match &engine {
+        Some(e) => println!("| reference: ClickHouse Kafka engine + MV | {EVENTS} | {:.1} | {:.0} | {:.2} |", e.seconds, e.rate, e.rate / ours.rate),
+        None => println!("| reference: ClickHouse Kafka engine + MV | {EVENTS} | did not finish in 600 s | - | - |"),
+    }
+    println!("| reference: INSERT FORMAT RowBinary from file (ceiling) | {EVENTS} | {:.1} | {:.0} | {:.2} |", ceiling.seconds, ceiling.rate, ceiling.rate / ours.rate);
+    println!();
+    println!(
+        "| freshness at {FRESHNESS_RATE} events/s ({} events) | p50 | p99 | max |",
+        latencies.len()
+    );
+    println!("|---|---:|---:|---:|");
+    println!("| produce -> visible in ClickHouse (s) | {p50:.3} | {p99:.3} | {max:.3} |");
+    println!();
+    println!("| target | figure | verdict |");
+    println!("|---|---|---|");
+    println!(
+        "| ingest >= 1.5x Kafka engine | {:.2}x | {} |",
+        ours.rate / engine_rate,
+        verdict(ours.rate >= 1.5 * engine_rate)
+    );
+    println!(
+        "| ingest >= 50% of raw insert ceiling | {:.0}% | {} |",
+        100.0 * ours.rate / ceiling.rate,
+        verdict(ours.rate >= 0.5 * ceiling.rate)
+    );
+    println!(
+        "| freshness p99 < 1 s | {p99:.3} s | {} |",
+        verdict(p99 < 1.0)
+    );
+    println!(
+        "| ingest RSS < 200 MB | {peak_rss:.0} MB | {} |",
+        verdict(peak_rss < 200.0)
+    );
+
+    // The bench databases are large; keep the machine tidy.
+    let server = ClickHouseConfig {
+        url: clickhouse_url(),
+        ..ClickHouseConfig::default()
+    }
+    .server_client();
+    for db in [
+        ingest_db,
+        format!("bench_engine_{suffix}"),
+        format!("bench_raw_{suffix}"),
+        format!("bench_fresh_{suffix}"),
+    ] {
+        let _ = server
+            .query(&format!("DROP DATABASE IF EXISTS {db}"))
+            .execute()
+            .await;
+    }
+}
+
+fn num_cpus() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
+async fn server_version() -> String {
+    ClickHouseConfig {
+        url: clickhouse_url(),
+        ..ClickHouseConfig::default()
+    }
+    .server_client()
+    .query("SELECT version()")
+    .fetch_one::<String>()
+    .await
+    .unwrap_or_else(|_| "?".to_owned())
+}

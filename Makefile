@@ -2,13 +2,16 @@
 SHELL := /usr/bin/env bash
 LOCAL := deploy/local
 
-.PHONY: run test lint fmt build up down status logs clean-state
+.PHONY: run test lint bench fmt build up down status logs clean-state
 
 run: ## Whole system locally (stack, migrations, services, demo data); Ctrl-C stops it
 	@$(LOCAL)/run.sh
 
 test: ## Every test, against a real Kafka and ClickHouse started (and stopped) as needed
 	@$(LOCAL)/test.sh
+
+bench: ## Ingest benchmark (release build); table saved in services/ingest/benches/RESULTS.md
+	@$(LOCAL)/bench.sh
 
 lint: ## Formatting and clippy, warnings are errors
 	cargo fmt --all -- --check

@@ -71,3 +71,30 @@ stop_pid() {
   done
   rm -f "$f"
 }
+
+# Starts the parts of the stack that are not running and stops exactly those on exit
+# (also on failure or Ctrl-C). For scripts that need the stack for a while: test, bench.
+STARTED_PARTS=()
+stop_started_parts() {
+  local rc=$?
+  local part
+  for part in "${STARTED_PARTS[@]}"; do
+    "$LOCAL_DIR/$part.sh" stop || true
+  done
+  exit $rc
+}
+ensure_stack() {
+  trap stop_started_parts EXIT INT TERM
+  local part
+  for part in clickhouse kafka; do
+    if ! "$LOCAL_DIR/$part.sh" status >/dev/null 2>&1; then
+      STARTED_PARTS+=("$part")
+      "$LOCAL_DIR/$part.sh" start
+    elif [[ "$part" == kafka ]]; then
+      # Already running (e.g. after `make up`): make sure the project's topics exist.
+      "$LOCAL_DIR/kafka.sh" topics
+    fi
+  done
+  export AUDIT_TEST_CLICKHOUSE_URL="http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT"
+  export AUDIT_TEST_KAFKA_BROKERS="127.0.0.1:$AUDIT_KAFKA_PORT"
+}

@@ -43,7 +43,7 @@ XML
   <profiles>
     <default>
       <max_memory_usage>4000000000</max_memory_usage>
-      <!-- For the Kafka-engine reference line of `make bench` (JSON events with nested objects);
+      <!-- For the Kafka-engine reference line of the ingest benchmark (JSON with nested objects);
            the services insert RowBinary and are not affected. -->
       <input_format_skip_unknown_fields>1</input_format_skip_unknown_fields>
       <input_format_import_nested_json>1</input_format_import_nested_json>

@@ -64,6 +64,13 @@ impl Flusher {
             ..
         } = batch;
 
+        let phase = |name: &str, since: std::time::Instant| {
+            self.metrics
+                .flush_phase_seconds
+                .with_label_values(&[name])
+                .observe(since.elapsed().as_secs_f64());
+        };
+        let started = std::time::Instant::now();
         let facts = match &self.directory {
             Some(directory) => directory.prepare(facts_of(&rows)),
             None => Default::default(),
@@ -97,8 +104,11 @@ impl Flusher {
         for row in &mut rows {
             row.ingested_at_ms = ingested_at_ms;
         }
+        phase("directory_read", started);
         let bytes: usize = rows.iter().map(AuditEventRow::wire_size).sum();
+        let started = std::time::Instant::now();
         let rejected = self.insert_events(&rows).await;
+        phase("insert", started);
         let mut inserted_per_topic: BTreeMap<&str, u64> = BTreeMap::new();
         let mut newest_ms = None;
         for (index, row) in rows.iter().enumerate() {
@@ -126,16 +136,20 @@ impl Flusher {
             });
         }
 
+        let started = std::time::Instant::now();
         if let Some(directory) = &self.directory {
             directory
                 .store(&facts)
                 .await
                 .map_err(FlushError::Directory)?;
         }
+        phase("directory_write", started);
+        let started = std::time::Instant::now();
         self.dead_letters
             .send_all(&dead_letters)
             .await
             .map_err(FlushError::DeadLetter)?;
+        phase("dead_letter", started);
 
         let inserted = rows.len() - rejected.len();
         self.metrics

@@ -1,8 +1,8 @@
 //! Prometheus metrics of the ingest service, registered once and served on `/metrics`.
 
 use prometheus::{
-    exponential_buckets, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    exponential_buckets, Counter, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
 /// Every metric `audit-ingest` exports. Cheap to clone (handles are reference-counted).
@@ -15,6 +15,8 @@ pub struct IngestMetrics {
     pub batch_rows: HistogramVec,
     pub batch_bytes: HistogramVec,
     pub insert_seconds: HistogramVec,
+    pub flush_phase_seconds: HistogramVec,
+    pub backpressure_seconds: Counter,
     pub retries: IntCounterVec,
     pub consumer_lag: IntGaugeVec,
     pub committed_offset: IntGaugeVec,
@@ -80,6 +82,26 @@ impl IngestMetrics {
             "Time of one ClickHouse insert, retries excluded.",
             exponential_buckets(0.002, 2.0, 12).expect("valid buckets"),
         );
+        let flush_phase_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "audit_ingest_flush_phase_seconds",
+                "Time of each phase of a flush, retries included.",
+            )
+            .buckets(exponential_buckets(0.001, 2.0, 14).expect("valid buckets")),
+            &["phase"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(flush_phase_seconds.clone()))
+            .expect("unique metric");
+        let backpressure_seconds = Counter::with_opts(Opts::new(
+            "audit_ingest_backpressure_seconds_total",
+            "Time the consumer waited with a full batch for the flush ahead of it.",
+        ))
+        .expect("valid metric");
+        registry
+            .register(Box::new(backpressure_seconds.clone()))
+            .expect("unique metric");
         let gauge = |name: &str, help: &str, labels: &[&str]| {
             let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
             registry
@@ -113,6 +135,8 @@ impl IngestMetrics {
             batch_rows,
             batch_bytes,
             insert_seconds,
+            flush_phase_seconds,
+            backpressure_seconds,
             retries,
             consumer_lag,
             committed_offset,

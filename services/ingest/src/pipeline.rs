@@ -144,7 +144,11 @@ impl Pipeline {
             let blocked =
                 in_flight.is_some() && batch.is_full(self.batch.max_rows, self.batch.max_bytes);
             if !blocked {
-                blocked_since = None;
+                if let Some(since) = blocked_since.take() {
+                    self.metrics
+                        .backpressure_seconds
+                        .inc_by(since.elapsed().as_secs_f64());
+                }
                 if paused {
                     self.set_paused(false);
                     paused = false;

@@ -75,12 +75,16 @@ stop_pid() {
 # Starts the parts of the stack that are not running and stops exactly those on exit
 # (also on failure or Ctrl-C). For scripts that need the stack for a while: test, bench.
 STARTED_PARTS=()
-stop_started_parts() {
-  local rc=$?
+stop_started_parts_now() {
   local part
   for part in "${STARTED_PARTS[@]}"; do
     "$LOCAL_DIR/$part.sh" stop || true
   done
+  STARTED_PARTS=()
+}
+stop_started_parts() {
+  local rc=$?
+  stop_started_parts_now
   exit $rc
 }
 ensure_stack() {

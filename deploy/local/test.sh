@@ -6,5 +6,14 @@ source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 "$LOCAL_DIR/install.sh"
 ensure_stack
 cd "$REPO_ROOT"
+output="$AUDIT_STATE_DIR/test-output.log"
 # Unit, integration and doc tests (not the benchmarks: `make bench`).
-cargo test --workspace "$@"
+set +e
+cargo test --workspace "$@" 2>&1 | tee "$output"
+status=${PIPESTATUS[0]}
+set -e
+stop_started_parts_now
+# One closing line for the whole workspace (cargo prints one per test binary).
+awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
+     END { printf "tests: %d passed, %d failed\n", p, f }' "$output"
+exit "$status"

@@ -383,6 +383,7 @@ async fn main() {
     assert!(fill.status.success(), "loadgen failed");
     let fill_line = String::from_utf8_lossy(&fill.stdout).trim().to_owned();
 
+    settle().await;
     eprintln!("bench: audit-ingest");
     let ingest_db = format!("bench_ingest_{suffix}");
     let config = fresh_database(&ingest_db).await;
@@ -404,6 +405,7 @@ async fn main() {
     let _ = ingest.kill();
     let _ = ingest.wait();
 
+    settle().await;
     eprintln!("bench: ClickHouse Kafka engine");
     let engine = kafka_engine(
         &topics,
@@ -412,6 +414,7 @@ async fn main() {
     )
     .await;
 
+    settle().await;
     eprintln!("bench: raw RowBinary insert");
     let ceiling = raw_insert(&ingest_db, &format!("bench_raw_{suffix}")).await;
 
@@ -481,7 +484,18 @@ async fn main() {
         verdict(peak_rss < 200.0)
     );
 
-    // The bench databases are large; keep the machine tidy.
+    // The bench topics and databases are large; keep the machine tidy.
+    let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+        .set("bootstrap.servers", brokers())
+        .create()
+        .unwrap();
+    let mut topics_to_delete = topics.all();
+    topics_to_delete.push(format!("{prefix}.dlq"));
+    for fresh in ["users", "teams", "auth", "dlq"] {
+        topics_to_delete.push(format!("bench.fresh.{suffix}.{fresh}"));
+    }
+    let names: Vec<&str> = topics_to_delete.iter().map(String::as_str).collect();
+    let _ = admin.delete_topics(&names, &AdminOptions::new()).await;
     let server = ClickHouseConfig {
         url: clickhouse_url(),
         ..ClickHouseConfig::default()
@@ -498,6 +512,13 @@ async fn main() {
             .execute()
             .await;
     }
+}
+
+/// Writes dirty pages out and lets background work (Kafka's page cache writeback after the
+/// pre-fill, ClickHouse merges) calm down, so that each line starts from the same quiet disk.
+async fn settle() {
+    let _ = Command::new("sync").status();
+    tokio::time::sleep(Duration::from_secs(3)).await;
 }
 
 fn num_cpus() -> usize {

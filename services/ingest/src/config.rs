@@ -87,6 +87,8 @@ pub struct BatchConfig {
     pub max_bytes: usize,
     /// Flush when the oldest buffered event has waited this long (milliseconds).
     pub max_age_ms: u64,
+    /// Flushes that may run at once (their offsets are still committed in order).
+    pub max_in_flight: usize,
 }
 
 impl Default for BatchConfig {
@@ -95,6 +97,7 @@ impl Default for BatchConfig {
             max_rows: 10_000,
             max_bytes: 8 * 1024 * 1024,
             max_age_ms: 250,
+            max_in_flight: 2,
         }
     }
 }
@@ -200,7 +203,11 @@ impl IngestConfig {
                 ));
             }
         }
-        if self.batch.max_rows == 0 || self.batch.max_bytes == 0 || self.batch.max_age_ms == 0 {
+        if self.batch.max_rows == 0
+            || self.batch.max_bytes == 0
+            || self.batch.max_age_ms == 0
+            || self.batch.max_in_flight == 0
+        {
             return invalid(
                 "batch.max_rows, batch.max_bytes and batch.max_age_ms must be > 0".to_owned(),
             );

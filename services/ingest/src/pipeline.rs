@@ -5,6 +5,7 @@
 //! committed only after their flush, in order, so a committed offset never passes an event
 //! ClickHouse has not acknowledged.
 
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -119,7 +120,8 @@ impl Pipeline {
         info!(topics = ?self.topics, "consuming");
 
         let mut batch = EventBatch::default();
-        let mut in_flight: Option<InFlight> = None;
+        // Flushes under way, oldest first; committed strictly in this order.
+        let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut paused = false;
         let mut blocked_since: Option<Instant> = None;
         let mut guard = InvalidRatioGuard::new(&self.dead_letter);
@@ -134,15 +136,15 @@ impl Pipeline {
             let due = !batch.is_empty()
                 && (batch.is_full(self.batch.max_rows, self.batch.max_bytes)
                     || batch.age() >= max_age);
-            if due && in_flight.is_none() {
-                in_flight = Some(self.start_flush(std::mem::take(&mut batch)));
+            if due && in_flight.len() < self.batch.max_in_flight {
+                in_flight.push_back(self.start_flush(std::mem::take(&mut batch)));
             }
             // Back-pressure: with a flush in flight and the next batch full, stop taking messages
             // (librdkafka's bounded prefetch queue fills, then fetching stops). If the flush
             // takes longer than PAUSE_AFTER (ClickHouse slow or down), pause the partitions and
             // go on polling, so that the group membership and rebalances keep working.
-            let blocked =
-                in_flight.is_some() && batch.is_full(self.batch.max_rows, self.batch.max_bytes);
+            let blocked = in_flight.len() >= self.batch.max_in_flight
+                && batch.is_full(self.batch.max_rows, self.batch.max_bytes);
             if !blocked {
                 if let Some(since) = blocked_since.take() {
                     self.metrics
@@ -166,8 +168,8 @@ impl Pipeline {
             tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => break Ok(()),
-                joined = async { in_flight.as_mut().expect("guarded by if").await }, if in_flight.is_some() => {
-                    in_flight = None;
+                joined = async { in_flight.front_mut().expect("guarded by if").await }, if !in_flight.is_empty() => {
+                    in_flight.pop_front();
                     match joined {
                         Ok(Ok(flushed)) => self.commit(&flushed),
                         Ok(Err(err)) => break Err(PipelineError::Flush(err)),
@@ -241,11 +243,12 @@ impl Pipeline {
                 // Let a flush already under way finish: what it stored gets committed.
                 self.final_commit
                     .store(true, std::sync::atomic::Ordering::Relaxed);
-                if let Some(handle) = in_flight {
-                    if let Ok(Ok(Ok(flushed))) =
-                        tokio::time::timeout(self.shutdown_timeout, handle).await
-                    {
-                        self.commit(&flushed);
+                // In order, and only while each succeeds: a later commit must not pass a
+                // failed flush.
+                for handle in in_flight {
+                    match tokio::time::timeout(self.shutdown_timeout, handle).await {
+                        Ok(Ok(Ok(flushed))) => self.commit(&flushed),
+                        _ => break,
                     }
                 }
                 self.consumer.unsubscribe();
@@ -256,12 +259,12 @@ impl Pipeline {
 
     async fn drain(
         &self,
-        in_flight: Option<InFlight>,
+        in_flight: VecDeque<InFlight>,
         batch: EventBatch,
     ) -> Result<(), PipelineError> {
         self.final_commit
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        if let Some(handle) = in_flight {
+        for handle in in_flight {
             let flushed = handle.await??;
             self.commit(&flushed);
         }

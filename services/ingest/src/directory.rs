@@ -227,18 +227,14 @@ impl Directory {
         }
     }
 
-    /// The stored or batch-stated values for every field of `events` that the directory can
+    /// The stored or batch-stated values for every field of `rows` that the directory can
     /// fill. Reads ClickHouse for keys the cache lacks (or holds for longer than the TTL).
-    pub async fn resolve(
-        &self,
-        rows: &[AuditEventRow],
-        batch_facts: &BatchFacts,
-    ) -> Result<KnownValues, InsertError> {
+    /// Call [`Directory::observe`] with the batch's facts first.
+    pub async fn resolve(&self, rows: &[AuditEventRow]) -> Result<KnownValues, InsertError> {
         let wanted: HashSet<FactKey> = rows.iter().flat_map(wanted_keys).collect();
         if wanted.is_empty() {
             return Ok(KnownValues::default());
         }
-        self.observe(batch_facts);
         let now = Instant::now();
         let missing: Vec<FactKey> = self.with_cache(|cache| {
             wanted
@@ -328,7 +324,7 @@ impl Directory {
 
     /// Merges a batch's facts into the cache. A key not cached yet is added as incomplete: a
     /// lookup will still read ClickHouse, where a newer fact may be stored.
-    fn observe(&self, facts: &BatchFacts) {
+    pub fn observe(&self, facts: &BatchFacts) {
         let now = Instant::now();
         self.with_cache(|cache| {
             for (key, fact) in facts.entries() {
@@ -445,29 +441,11 @@ impl Directory {
 
     /// Stores the facts [`Directory::prepare`] kept (retrying transient failures).
     pub async fn store(&self, facts: &BatchFacts) -> Result<(), InsertError> {
-        self.observe(facts);
         self.sink
             .insert(DIRECTORY_USERS_TABLE, &facts.users)
             .await?;
         self.sink.insert(DIRECTORY_TEAMS_TABLE, &facts.teams).await
     }
-}
-
-/// Used by tests and by replay to read a user's current email.
-pub async fn stored_user_email(
-    client: &clickhouse::Client,
-    organization_id: &str,
-    user_id: &str,
-) -> Result<Option<String>, clickhouse::error::Error> {
-    client
-        .query(
-            "SELECT email FROM directory_users WHERE organization_id = ? AND user_id = ? \
-             ORDER BY occurred_at_ms DESC, event_id DESC LIMIT 1",
-        )
-        .bind(organization_id)
-        .bind(user_id)
-        .fetch_optional::<String>()
-        .await
 }
 
 #[cfg(test)]

@@ -76,7 +76,9 @@ impl Flusher {
             None => Default::default(),
         };
         if let Some(directory) = &self.directory {
-            let known = (|| directory.resolve(&rows, &facts))
+            // After prepare (which compares with what the cache held before this batch).
+            directory.observe(&facts);
+            let known = (|| directory.resolve(&rows))
                 .retry(self.sink.backoff())
                 .when(InsertError::is_transient)
                 .notify(|err, _| {

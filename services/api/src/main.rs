@@ -12,14 +12,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // The error chain only: no backtrace, whatever RUST_BACKTRACE says.
-            eprintln!("audit-api: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    audit_runtime::exit_code("audit-api", run(Cli::parse()).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -27,10 +20,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
     let _telemetry = audit_runtime::init_telemetry("audit-api", &config.telemetry)?;
     match cli.command {
         Command::Migrate => {
-            let report = audit_store::migrations::apply(&config.clickhouse)
+            audit_store::migrations::apply(&config.clickhouse)
                 .await
                 .context("applying ClickHouse migrations")?;
-            tracing::info!(applied = ?report.applied, already_applied = ?report.already_applied, "migrations done");
         }
     }
     Ok(())

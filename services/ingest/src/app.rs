@@ -38,8 +38,7 @@ pub enum AppError {
 /// Applies pending migrations, or checks there are none when `migrate_on_start` is off.
 pub async fn prepare_schema(config: &IngestConfig) -> Result<(), AppError> {
     if config.migrate_on_start {
-        let report = migrations::apply(&config.clickhouse).await?;
-        info!(applied = ?report.applied, "clickhouse schema is current");
+        migrations::apply(&config.clickhouse).await?;
     } else {
         migrations::ensure_current(&config.clickhouse).await?;
     }

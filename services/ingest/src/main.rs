@@ -13,14 +13,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    match run(Cli::parse()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            // The error chain only: no backtrace, whatever RUST_BACKTRACE says.
-            eprintln!("audit-ingest: {err:#}");
-            ExitCode::FAILURE
-        }
-    }
+    audit_runtime::exit_code("audit-ingest", run(Cli::parse()).await)
 }
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -55,10 +48,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             );
         }
         Command::Migrate => {
-            let report = audit_store::migrations::apply(&config.clickhouse)
+            audit_store::migrations::apply(&config.clickhouse)
                 .await
                 .context("applying ClickHouse migrations")?;
-            tracing::info!(applied = ?report.applied, already_applied = ?report.already_applied, "migrations done");
         }
     }
     Ok(())

@@ -182,6 +182,12 @@ pub async fn apply(config: &ClickHouseConfig) -> Result<MigrationReport, StoreEr
         );
         report.applied.push(migration.version);
     }
+    info!(
+        database = %config.database,
+        applied = ?report.applied,
+        already_applied = ?report.already_applied,
+        "clickhouse schema is current"
+    );
     Ok(report)
 }
 

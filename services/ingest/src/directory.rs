@@ -82,10 +82,6 @@ impl BatchFacts {
         });
         users.chain(teams)
     }
-
-    pub fn is_empty(&self) -> bool {
-        self.users.is_empty() && self.teams.is_empty()
-    }
 }
 
 /// The row with the largest `order` per `key`, in first-seen key order.

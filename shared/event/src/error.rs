@@ -30,15 +30,6 @@ impl RejectReason {
             RejectReason::StorageRejected => "storage_rejected",
         }
     }
-
-    pub const ALL: [RejectReason; 6] = [
-        RejectReason::TooLarge,
-        RejectReason::NotJson,
-        RejectReason::SchemaViolation,
-        RejectReason::BadTimestamp,
-        RejectReason::BadOrganization,
-        RejectReason::StorageRejected,
-    ];
 }
 
 impl fmt::Display for RejectReason {

@@ -7,7 +7,6 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use audit_event::{EventError, RejectReason};
 use audit_store::{AuditEventRow, EVENTS_TABLE};
-use backon::Retryable;
 use rdkafka::error::KafkaError;
 use tracing::{info_span, warn, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
@@ -78,16 +77,9 @@ impl Flusher {
         if let Some(directory) = &self.directory {
             // After prepare (which compares with what the cache held before this batch).
             directory.observe(&facts);
-            let known = (|| directory.resolve(&rows))
-                .retry(self.sink.backoff())
-                .when(InsertError::is_transient)
-                .notify(|err, _| {
-                    self.metrics
-                        .retries
-                        .with_label_values(&["directory_read"])
-                        .inc();
-                    warn!(error = %err, "directory read failed, retrying");
-                })
+            let known = self
+                .sink
+                .retry_transient("directory_read", || directory.resolve(&rows))
                 .await
                 .unwrap_or_else(|err| {
                     // A rejected read (not an outage) only costs the enrichment of this batch.

@@ -122,15 +122,26 @@ impl ClickHouseSink {
         if rows.is_empty() {
             return Ok(());
         }
-        (|| self.insert_once(table, rows))
+        self.retry_transient("clickhouse_insert", || self.insert_once(table, rows))
+            .await
+    }
+
+    /// Runs `operation` until it succeeds or fails with a non-transient error, backing off
+    /// between attempts and counting each retry under `label` in `audit_ingest_retries_total`.
+    pub async fn retry_transient<T, Fut>(
+        &self,
+        label: &str,
+        operation: impl FnMut() -> Fut,
+    ) -> Result<T, InsertError>
+    where
+        Fut: std::future::Future<Output = Result<T, InsertError>>,
+    {
+        operation
             .retry(self.backoff())
             .when(InsertError::is_transient)
             .notify(|err, delay| {
-                self.metrics
-                    .retries
-                    .with_label_values(&["clickhouse_insert"])
-                    .inc();
-                warn!(table, rows = rows.len(), error = %err, retry_in_ms = delay.as_millis() as u64, "insert failed, retrying");
+                self.metrics.retries.with_label_values(&[label]).inc();
+                warn!(operation = label, error = %err, retry_in_ms = delay.as_millis() as u64, "clickhouse request failed, retrying");
             })
             .await
     }

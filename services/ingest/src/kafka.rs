@@ -24,6 +24,8 @@ pub type PartitionKey = (String, i32);
 pub struct IngestContext {
     metrics: IngestMetrics,
     joined: AtomicBool,
+    /// Set with `revoked`, so that the per-message check needs no lock when nothing changed.
+    any_revoked: AtomicBool,
     revoked: Mutex<BTreeSet<PartitionKey>>,
 }
 
@@ -32,6 +34,7 @@ impl IngestContext {
         Self {
             metrics,
             joined: AtomicBool::new(false),
+            any_revoked: AtomicBool::new(false),
             revoked: Mutex::new(BTreeSet::new()),
         }
     }
@@ -43,6 +46,9 @@ impl IngestContext {
 
     /// Partitions revoked since the last call.
     pub fn take_revoked(&self) -> BTreeSet<PartitionKey> {
+        if !self.any_revoked.swap(false, Ordering::Acquire) {
+            return BTreeSet::new();
+        }
         match self.revoked.lock() {
             Ok(mut revoked) => std::mem::take(&mut *revoked),
             Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
@@ -86,6 +92,7 @@ impl ConsumerContext for IngestContext {
                     Ok(mut set) => set.extend(revoked),
                     Err(poisoned) => poisoned.into_inner().extend(revoked),
                 }
+                self.any_revoked.store(true, Ordering::Release);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(err) => warn!(error = %err, "rebalance error"),

@@ -1,7 +1,10 @@
 //! The typed configuration of `audit-api`: defaults, then a TOML file, then environment
 //! variables `AUDIT_API__<SECTION>__<KEY>`. Every field is listed in the README.
 
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
+use std::time::Duration;
 
 use audit_runtime::{load_settings, SettingsError, TelemetryConfig};
 use audit_store::ClickHouseConfig;
@@ -9,13 +12,125 @@ use serde::Deserialize;
 
 pub const ENV_PREFIX: &str = "AUDIT_API";
 
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApiConfig {
+    /// Address the HTTP API (and `/healthz`, `/readyz`, `/metrics`, `/openapi.json`) listens on.
+    pub http_listen: SocketAddr,
     /// Where events are read from; see [`ClickHouseConfig`].
     pub clickhouse: ClickHouseConfig,
+    pub query: QueryConfig,
+    pub rate_limit: RateLimitConfig,
+    pub keys: KeysConfig,
+    pub read_events: ReadEventsConfig,
+    /// Apply pending ClickHouse migrations at start-up; when false, refuse to start if any is pending.
+    pub migrate_on_start: bool,
+    /// How long in-flight requests (CSV streams included) may run after SIGTERM.
+    pub shutdown_timeout_ms: u64,
     /// Logs and traces.
     pub telemetry: TelemetryConfig,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        Self {
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 18080)),
+            clickhouse: ClickHouseConfig::default(),
+            query: QueryConfig::default(),
+            rate_limit: RateLimitConfig::default(),
+            keys: KeysConfig::default(),
+            read_events: ReadEventsConfig::default(),
+            migrate_on_start: true,
+            shutdown_timeout_ms: 25_000,
+            telemetry: TelemetryConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryConfig {
+    /// ClickHouse `max_execution_time` of page and count queries, in seconds; past it the
+    /// request fails with 504.
+    pub timeout_seconds: u64,
+    /// `max_execution_time` of export streams (0 = none: an export runs as long as the client reads).
+    pub export_timeout_seconds: u64,
+}
+
+impl Default for QueryConfig {
+    fn default() -> Self {
+        Self {
+            timeout_seconds: 10,
+            export_timeout_seconds: 0,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RateLimitConfig {
+    /// Sustained requests per second allowed per API key (0 disables the limit).
+    pub requests_per_second: u32,
+    /// Requests a key may send at once above the sustained rate.
+    pub burst: u32,
+}
+
+impl Default for RateLimitConfig {
+    fn default() -> Self {
+        Self {
+            requests_per_second: 10,
+            burst: 20,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeysConfig {
+    /// How often every replica re-reads the key table; a revocation takes effect within this
+    /// interval (plus one query).
+    pub refresh_interval_ms: u64,
+    /// How often the last-used times of keys are written back.
+    pub usage_flush_interval_ms: u64,
+}
+
+impl Default for KeysConfig {
+    fn default() -> Self {
+        Self {
+            refresh_interval_ms: 2_000,
+            usage_flush_interval_ms: 10_000,
+        }
+    }
+}
+
+impl KeysConfig {
+    pub fn refresh_interval(&self) -> Duration {
+        Duration::from_millis(self.refresh_interval_ms)
+    }
+}
+
+/// Publishing of `audit_log.viewed` / `audit_log.exported` events: reads of the audit log are
+/// themselves audited.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadEventsConfig {
+    pub enabled: bool,
+    /// `bootstrap.servers`.
+    pub brokers: String,
+    pub topic: String,
+    /// Extra librdkafka producer properties (SASL/SSL...).
+    pub properties: BTreeMap<String, String>,
+}
+
+impl Default for ReadEventsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            brokers: "127.0.0.1:19092".to_owned(),
+            topic: "audit.reads.v1".to_owned(),
+            properties: BTreeMap::new(),
+        }
+    }
 }
 
 impl ApiConfig {
@@ -29,6 +144,49 @@ impl ApiConfig {
     pub fn validate(&self) -> Result<(), SettingsError> {
         self.clickhouse
             .validate()
-            .map_err(|err| SettingsError::Invalid(err.to_string()))
+            .map_err(|err| SettingsError::Invalid(err.to_string()))?;
+        let invalid = |message: &str| Err(SettingsError::Invalid(message.to_owned()));
+        if self.query.timeout_seconds == 0 {
+            return invalid("query.timeout_seconds must be at least 1");
+        }
+        if self.rate_limit.requests_per_second > 0 && self.rate_limit.burst == 0 {
+            return invalid("rate_limit.burst must be at least 1 when rate limiting is on");
+        }
+        if self.keys.refresh_interval_ms == 0 || self.keys.refresh_interval_ms > 5_000 {
+            return invalid(
+                "keys.refresh_interval_ms must be 1..=5000 (revocations take effect within it)",
+            );
+        }
+        if self.keys.usage_flush_interval_ms == 0 {
+            return invalid("keys.usage_flush_interval_ms must be at least 1");
+        }
+        if self.read_events.enabled && self.read_events.topic.is_empty() {
+            return invalid("read_events.topic must not be empty when read_events.enabled");
+        }
+        Ok(())
+    }
+
+    pub fn shutdown_timeout(&self) -> Duration {
+        Duration::from_millis(self.shutdown_timeout_ms)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_listen_on_loopback() {
+        let config = ApiConfig::default();
+        assert!(config.validate().is_ok());
+        assert!(config.http_listen.ip().is_loopback());
+    }
+
+    #[test]
+    fn a_refresh_slower_than_the_revocation_promise_is_refused() {
+        let mut config = ApiConfig::default();
+        config.keys.refresh_interval_ms = 60_000;
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("keys.refresh_interval_ms"), "{err}");
     }
 }

@@ -1,7 +1,20 @@
-//! `audit-api`: answers `GET /api/v1/organization/audit-logs` from ClickHouse.
-//! The library holds all logic; `main.rs` only wires configuration, telemetry and the CLI.
+//! `audit-api`: answers `GET /api/v1/organization/audit-logs` (and its streaming export) from
+//! ClickHouse. The library holds all logic; `main.rs` only wires configuration, telemetry and
+//! the CLI.
 
+pub mod app;
+pub mod auth;
 pub mod cli;
 pub mod config;
+pub mod error;
+pub mod keys;
+pub mod metrics;
+pub mod query;
+pub mod read_events;
+pub mod render;
+pub mod routes;
+pub mod store;
+pub mod stream;
 
+pub use app::{AppState, Application};
 pub use config::ApiConfig;

@@ -30,6 +30,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "create_directory",
         sql: include_str!("../../../schemas/clickhouse/0002_create_directory.sql"),
     },
+    Migration {
+        version: 3,
+        name: "create_api_keys",
+        sql: include_str!("../../../schemas/clickhouse/0003_create_api_keys.sql"),
+    },
 ];
 
 const RECORD_TABLE: &str = "schema_migrations";

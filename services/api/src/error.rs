@@ -1,0 +1,189 @@
+//! Every error the HTTP API can answer with, mapped to a status in one place. The body is always
+//! `{"error": {"code", "message", "parameter"?}}` and never carries SQL, server messages or keys.
+
+use std::time::Duration;
+
+use axum::http::{header, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+use tracing::{debug, error};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A query parameter is missing its form, out of range or repeated.
+    #[error("{message}")]
+    InvalidParameter {
+        parameter: &'static str,
+        message: String,
+    },
+    #[error("missing API key: send it in the X-API-Key header")]
+    MissingKey,
+    #[error("the API key is unknown or revoked")]
+    InvalidKey,
+    #[error("this API key's role may not read audit logs; an admin key is required")]
+    Forbidden,
+    #[error("too many requests for this API key; retry later")]
+    RateLimited { retry_after: Duration },
+    #[error(
+        "the query took longer than the configured limit; narrow the filters or the time range"
+    )]
+    QueryTimeout,
+    #[error("the audit log store is unavailable; retry later")]
+    StoreUnavailable,
+    #[error("the service is starting and has not loaded its API keys yet; retry later")]
+    NotReady,
+    #[error("no such route")]
+    NotFound,
+    /// Anything else: logged in full, answered without detail.
+    #[error("internal error")]
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn invalid(parameter: &'static str, message: impl Into<String>) -> Self {
+        ApiError::InvalidParameter {
+            parameter,
+            message: message.into(),
+        }
+    }
+
+    pub fn error_code(&self) -> &'static str {
+        match self {
+            ApiError::InvalidParameter { .. } => "invalid_parameter",
+            ApiError::MissingKey => "missing_api_key",
+            ApiError::InvalidKey => "invalid_api_key",
+            ApiError::Forbidden => "forbidden",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::QueryTimeout => "query_timeout",
+            ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::NotReady => "not_ready",
+            ApiError::NotFound => "not_found",
+            ApiError::Internal(_) => "internal_error",
+        }
+    }
+
+    pub fn status(&self) -> StatusCode {
+        match self {
+            ApiError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
+            ApiError::MissingKey | ApiError::InvalidKey => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden => StatusCode::FORBIDDEN,
+            ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
+            ApiError::QueryTimeout => StatusCode::GATEWAY_TIMEOUT,
+            ApiError::StoreUnavailable | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+#[derive(Serialize)]
+struct ErrorBody<'a> {
+    error: ErrorDetail<'a>,
+}
+
+#[derive(Serialize)]
+struct ErrorDetail<'a> {
+    code: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    parameter: Option<&'a str>,
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        match &self {
+            ApiError::Internal(detail) => error!(detail = %detail, "request failed"),
+            ApiError::StoreUnavailable | ApiError::QueryTimeout | ApiError::NotReady => {
+                error!(code = self.error_code(), "request failed")
+            }
+            _ => debug!(code = self.error_code(), "request refused"),
+        }
+        let parameter = match &self {
+            ApiError::InvalidParameter { parameter, .. } => Some(*parameter),
+            _ => None,
+        };
+        let body = ErrorBody {
+            error: ErrorDetail {
+                code: self.error_code(),
+                message: self.to_string(),
+                parameter,
+            },
+        };
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        match &self {
+            ApiError::RateLimited { retry_after } => {
+                let seconds = retry_after.as_secs() + u64::from(retry_after.subsec_nanos() > 0);
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(seconds.max(1)));
+            }
+            ApiError::MissingKey | ApiError::InvalidKey => {
+                headers.insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
+                );
+            }
+            ApiError::StoreUnavailable | ApiError::NotReady => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            }
+            _ => {}
+        }
+        response
+    }
+}
+
+/// What a failed ClickHouse request means for the caller.
+pub fn from_clickhouse(err: &audit_store::clickhouse::error::Error) -> ApiError {
+    use audit_store::clickhouse::error::Error;
+    match err {
+        Error::Network(_) | Error::TimedOut => ApiError::StoreUnavailable,
+        Error::BadResponse(message) if is_timeout(message) => ApiError::QueryTimeout,
+        Error::BadResponse(message) if is_overload(message) => ApiError::StoreUnavailable,
+        other => ApiError::Internal(other.to_string()),
+    }
+}
+
+/// `Code: 159` TIMEOUT_EXCEEDED, `Code: 160` TOO_SLOW (estimated time over the limit).
+fn is_timeout(message: &str) -> bool {
+    message.contains("Code: 159.") || message.contains("Code: 160.")
+}
+
+/// `Code: 202` TOO_MANY_SIMULTANEOUS_QUERIES, `Code: 241` MEMORY_LIMIT_EXCEEDED, HTTP gateway
+/// pages: the store is there but cannot answer now.
+fn is_overload(message: &str) -> bool {
+    message.contains("Code: 202.") || message.contains("Code: 241.") || !message.contains("Code: ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use audit_store::clickhouse::error::Error;
+
+    #[test]
+    fn clickhouse_failures_map_to_503_and_504_without_their_text() {
+        let timeout = from_clickhouse(&Error::BadResponse(
+            "Code: 159. DB::Exception: Timeout exceeded: elapsed 10.1 seconds, SELECT secret"
+                .into(),
+        ));
+        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
+        assert!(!timeout.to_string().contains("SELECT"));
+        let down = from_clickhouse(&Error::TimedOut);
+        assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let bug = from_clickhouse(&Error::BadResponse(
+            "Code: 62. DB::Exception: Syntax error near SELECT".into(),
+        ));
+        assert_eq!(bug.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(bug.to_string(), "internal error");
+    }
+
+    #[test]
+    fn rate_limit_answers_carry_a_whole_number_retry_after() {
+        let response = ApiError::RateLimited {
+            retry_after: Duration::from_millis(1_200),
+        }
+        .into_response();
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "2");
+    }
+}

@@ -1,0 +1,95 @@
+//! Prometheus metrics of the read service, registered once and served on `/metrics`.
+
+use std::time::Instant;
+
+use prometheus::{
+    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
+    TextEncoder,
+};
+
+/// Every metric `audit-api` exports. Cheap to clone (handles are reference-counted).
+#[derive(Clone)]
+pub struct ApiMetrics {
+    registry: Registry,
+    pub requests: IntCounterVec,
+    pub request_seconds: HistogramVec,
+    pub rows_streamed: IntCounterVec,
+    pub bytes_streamed: IntCounterVec,
+    pub query_seconds: HistogramVec,
+    pub read_events: IntCounterVec,
+}
+
+impl Default for ApiMetrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl ApiMetrics {
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        let histogram = |name: &str, help: &str, labels: &[&str]| {
+            let opts = HistogramOpts::new(name, help)
+                .buckets(exponential_buckets(0.001, 2.0, 16).expect("valid buckets"));
+            let metric = HistogramVec::new(opts, labels).expect("valid metric");
+            registry
+                .register(Box::new(metric.clone()))
+                .expect("unique metric");
+            metric
+        };
+        Self {
+            requests: counter(
+                "audit_api_requests_total",
+                "HTTP requests answered, by route, status and format.",
+                &["route", "status", "format"],
+            ),
+            request_seconds: histogram(
+                "audit_api_request_duration_seconds",
+                "Time to the response head (streams continue after it), by route and format.",
+                &["route", "format"],
+            ),
+            rows_streamed: counter(
+                "audit_api_rows_streamed_total",
+                "Events written into response bodies, by format.",
+                &["format"],
+            ),
+            bytes_streamed: counter(
+                "audit_api_bytes_streamed_total",
+                "Bytes of CSV and NDJSON bodies sent, by format.",
+                &["format"],
+            ),
+            query_seconds: histogram(
+                "audit_api_clickhouse_query_duration_seconds",
+                "ClickHouse query time, by kind (page, count).",
+                &["kind"],
+            ),
+            read_events: counter(
+                "audit_api_read_events_total",
+                "audit_log.viewed/exported events handed to Kafka, by result.",
+                &["result"],
+            ),
+            registry,
+        }
+    }
+
+    pub fn observe_query(&self, kind: &str, started: Instant) {
+        self.query_seconds
+            .with_label_values(&[kind])
+            .observe(started.elapsed().as_secs_f64());
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut buffer = Vec::new();
+        // Encoding gathered metrics into memory cannot fail.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
+        String::from_utf8(buffer).unwrap_or_default()
+    }
+}

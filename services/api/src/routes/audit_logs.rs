@@ -1,0 +1,138 @@
+//! `GET /api/v1/organization/audit-logs`: one page of the caller's organization's events, as
+//! JSON (with `total` and `nextCursor`) or as a streamed CSV file.
+
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Serialize;
+
+use crate::auth::AdminCaller;
+use crate::error::{from_clickhouse, ApiError};
+use crate::query::{compact_timestamp, AuditLogQuery, Cursor, Filters, PageFormat};
+use crate::read_events::ReadFacts;
+use crate::render::EventItem;
+use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
+use crate::store::PageRequest;
+use crate::stream::{self, BodyFormat};
+use crate::AppState;
+
+#[derive(Serialize)]
+#[serde(rename_all = "camelCase")]
+struct PageBody {
+    total: u64,
+    limit: u32,
+    offset: u64,
+    items: Vec<EventItem>,
+    next_cursor: Option<String>,
+}
+
+pub async fn list(
+    State(state): State<AppState>,
+    AdminCaller(caller): AdminCaller,
+    request: RequestInfo,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = AuditLogQuery::parse(raw.as_deref())?;
+    let org = caller.organization_id.as_str();
+    let page = PageRequest {
+        organization_id: org,
+        filters: &query.filters,
+        sort: query.sort,
+        limit: query.limit,
+        offset: query.offset,
+        cursor: query.cursor.as_ref(),
+    };
+    let mut response = match query.format {
+        PageFormat::Json => {
+            let (mut rows, total) = tokio::try_join!(
+                state.store.page(&page),
+                state.store.count(org, &query.filters)
+            )?;
+            let limit = query.limit as usize;
+            let next_cursor = (rows.len() > limit).then(|| {
+                rows.truncate(limit);
+                let last = &rows[limit - 1];
+                Cursor {
+                    sort: query.sort,
+                    occurred_at_ms: last.occurred_at_ms,
+                    id: last.id.clone(),
+                    filters: query.filters.fingerprint(query.sort),
+                }
+                .encode()
+            });
+            let body = PageBody {
+                total,
+                limit: query.limit,
+                offset: if query.cursor.is_some() {
+                    0
+                } else {
+                    query.offset
+                },
+                items: rows.into_iter().map(EventItem::from).collect(),
+                next_cursor,
+            };
+            let mut response = Json(body).into_response();
+            response
+                .headers_mut()
+                .insert("x-total-count", HeaderValue::from(total));
+            response.extensions_mut().insert(ResponseFormat("json"));
+            response
+        }
+        PageFormat::Csv => {
+            let mut cursor = state.store.stream(
+                org,
+                &query.filters,
+                query.sort,
+                Some((query.limit, query.offset)),
+                query.cursor.as_ref(),
+            )?;
+            let (first, total) = tokio::try_join!(
+                async { cursor.next().await.map_err(|err| from_clickhouse(&err)) },
+                state.store.count(org, &query.filters)
+            )?;
+            let body = stream::body(cursor, first, BodyFormat::Csv, state.metrics.clone());
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static(BodyFormat::Csv.content_type()),
+            );
+            headers.insert(
+                header::CONTENT_DISPOSITION,
+                attachment(&query.filters, "csv"),
+            );
+            headers.insert("x-total-count", HeaderValue::from(total));
+            let mut response = (headers, body).into_response();
+            response.extensions_mut().insert(ResponseFormat("csv"));
+            response
+        }
+    };
+    freshness_headers(&state, response.headers_mut());
+    let format = match query.format {
+        PageFormat::Json => "json",
+        PageFormat::Csv => "csv",
+    };
+    state.read_events.publish(&ReadFacts {
+        event_type: "audit_log.viewed",
+        format,
+        ..read_facts(&caller, &query.filters, &request)
+    });
+    Ok(response)
+}
+
+/// `attachment; filename="audit-logs-<from>-<to>.<ext>"`; an open end reads `start` / `now`.
+pub fn attachment(filters: &Filters, extension: &str) -> HeaderValue {
+    let from = filters
+        .from_ms
+        .map(compact_timestamp)
+        .unwrap_or_else(|| "start".to_owned());
+    let to = filters
+        .to_ms
+        .map(compact_timestamp)
+        .unwrap_or_else(|| "now".to_owned());
+    // Only digits, letters and '-' reach the header.
+    HeaderValue::from_str(&format!(
+        "attachment; filename=\"audit-logs-{from}-{to}.{extension}\""
+    ))
+    .unwrap_or_else(|_| HeaderValue::from_static("attachment"))
+}

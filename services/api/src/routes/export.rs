@@ -1,0 +1,61 @@
+//! `GET /api/v1/organization/audit-logs/export`: every matching event, CSV or NDJSON, streamed
+//! with constant memory and no row limit.
+
+use axum::extract::{RawQuery, State};
+use axum::http::{header, HeaderMap, HeaderValue};
+use axum::response::{IntoResponse, Response};
+
+use crate::auth::AdminCaller;
+use crate::error::{from_clickhouse, ApiError};
+use crate::query::{ExportFormat, ExportQuery};
+use crate::read_events::ReadFacts;
+use crate::routes::audit_logs::attachment;
+use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
+use crate::stream::{self, BodyFormat};
+use crate::AppState;
+
+pub async fn export(
+    State(state): State<AppState>,
+    AdminCaller(caller): AdminCaller,
+    request: RequestInfo,
+    RawQuery(raw): RawQuery,
+) -> Result<Response, ApiError> {
+    let query = ExportQuery::parse(raw.as_deref())?;
+    let format = match query.format {
+        ExportFormat::Csv => BodyFormat::Csv,
+        ExportFormat::Ndjson => BodyFormat::Ndjson,
+    };
+    let mut cursor = state.store.stream(
+        &caller.organization_id,
+        &query.filters,
+        query.sort,
+        None,
+        None,
+    )?;
+    let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    let extension = match format {
+        BodyFormat::Csv => "csv",
+        BodyFormat::Ndjson => "ndjson",
+    };
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        attachment(&query.filters, extension),
+    );
+    freshness_headers(&state, &mut headers);
+    let body = stream::body(cursor, first, format, state.metrics.clone());
+    let mut response = (headers, body).into_response();
+    response
+        .extensions_mut()
+        .insert(ResponseFormat(format.label()));
+    state.read_events.publish(&ReadFacts {
+        event_type: "audit_log.exported",
+        format: format.label(),
+        ..read_facts(&caller, &query.filters, &request)
+    });
+    Ok(response)
+}

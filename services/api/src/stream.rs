@@ -1,0 +1,186 @@
+//! Response bodies streamed from a ClickHouse cursor: rows are encoded into chunks of about
+//! 64 KiB as the client reads, so memory stays flat whatever the result size. A client that
+//! goes away drops the body, which drops the cursor and its connection: ClickHouse stops the
+//! query when it can no longer write the result. A failure after the head was sent aborts the
+//! body (the client sees a broken transfer, never a silently short file).
+
+use axum::body::Body;
+use bytes::Bytes;
+use futures_util::stream;
+use tracing::error;
+
+use audit_store::clickhouse::query::RowCursor;
+
+use crate::metrics::ApiMetrics;
+use crate::render::{write_csv_row, EventItem, CSV_HEADER};
+use crate::store::EventRecord;
+
+const CHUNK_BYTES: usize = 64 * 1024;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyFormat {
+    Csv,
+    Ndjson,
+}
+
+impl BodyFormat {
+    pub fn label(self) -> &'static str {
+        match self {
+            BodyFormat::Csv => "csv",
+            BodyFormat::Ndjson => "ndjson",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            BodyFormat::Csv => "text/csv; charset=utf-8",
+            BodyFormat::Ndjson => "application/x-ndjson",
+        }
+    }
+}
+
+/// Encodes rows into the next chunk.
+struct Encoder {
+    format: BodyFormat,
+    /// CSV: a writer over the chunk being filled, rebuilt after each chunk.
+    csv: csv::Writer<Vec<u8>>,
+    /// NDJSON: the chunk being filled.
+    ndjson: Vec<u8>,
+}
+
+fn csv_writer() -> csv::Writer<Vec<u8>> {
+    csv::WriterBuilder::new()
+        .terminator(csv::Terminator::CRLF)
+        .from_writer(Vec::with_capacity(CHUNK_BYTES + 4096))
+}
+
+impl Encoder {
+    fn new(format: BodyFormat) -> Self {
+        Self {
+            format,
+            csv: csv_writer(),
+            ndjson: Vec::new(),
+        }
+    }
+
+    fn header(&mut self) -> std::io::Result<()> {
+        if self.format == BodyFormat::Csv {
+            self.csv.write_record(CSV_HEADER)?;
+        }
+        Ok(())
+    }
+
+    fn row(&mut self, record: EventRecord) -> std::io::Result<()> {
+        match self.format {
+            BodyFormat::Csv => write_csv_row(&mut self.csv, &record)?,
+            BodyFormat::Ndjson => {
+                serde_json::to_writer(&mut self.ndjson, &EventItem::from(record))?;
+                self.ndjson.push(b'\n');
+            }
+        }
+        Ok(())
+    }
+
+    fn len(&mut self) -> usize {
+        match self.format {
+            // The csv writer buffers internally; flush it into the Vec to measure.
+            BodyFormat::Csv => {
+                let _ = self.csv.flush();
+                self.csv.get_ref().len()
+            }
+            BodyFormat::Ndjson => self.ndjson.len(),
+        }
+    }
+
+    fn take(&mut self) -> std::io::Result<Bytes> {
+        match self.format {
+            BodyFormat::Csv => {
+                let writer = std::mem::replace(&mut self.csv, csv_writer());
+                let bytes = writer.into_inner().map_err(|err| err.into_error())?;
+                Ok(Bytes::from(bytes))
+            }
+            BodyFormat::Ndjson => Ok(Bytes::from(std::mem::take(&mut self.ndjson))),
+        }
+    }
+}
+
+/// The body for `cursor`, whose first row (already read, to surface early errors as a proper
+/// status) is `first`.
+pub fn body(
+    cursor: RowCursor<EventRecord>,
+    first: Option<EventRecord>,
+    format: BodyFormat,
+    metrics: ApiMetrics,
+) -> Body {
+    struct State {
+        cursor: RowCursor<EventRecord>,
+        pending: Option<EventRecord>,
+        encoder: Encoder,
+        started: bool,
+        done: bool,
+        metrics: ApiMetrics,
+    }
+    let state = State {
+        cursor,
+        pending: first,
+        encoder: Encoder::new(format),
+        started: false,
+        done: false,
+        metrics,
+    };
+    let chunks = stream::unfold(state, |mut s| async move {
+        if s.done {
+            return None;
+        }
+        let label = s.encoder.format.label();
+        let mut rows = 0u64;
+        let result: std::io::Result<()> = async {
+            if !s.started {
+                s.started = true;
+                s.encoder.header()?;
+            }
+            if let Some(record) = s.pending.take() {
+                s.encoder.row(record)?;
+                rows += 1;
+            }
+            while s.encoder.len() < CHUNK_BYTES {
+                match s.cursor.next().await {
+                    Ok(Some(record)) => {
+                        s.encoder.row(record)?;
+                        rows += 1;
+                    }
+                    Ok(None) => {
+                        s.done = true;
+                        break;
+                    }
+                    Err(err) => {
+                        error!(error = %err, "export stream failed after the response started");
+                        return Err(std::io::Error::other(
+                            "the audit log store failed mid-stream",
+                        ));
+                    }
+                }
+            }
+            Ok(())
+        }
+        .await;
+        match result.and_then(|()| s.encoder.take()) {
+            Ok(chunk) => {
+                s.metrics
+                    .rows_streamed
+                    .with_label_values(&[label])
+                    .inc_by(rows);
+                s.metrics
+                    .bytes_streamed
+                    .with_label_values(&[label])
+                    .inc_by(chunk.len() as u64);
+                Some((Ok::<Bytes, std::io::Error>(chunk), s))
+            }
+            Err(err) => {
+                s.done = true;
+                Some((Err(err), s))
+            }
+        }
+    });
+    Body::from_stream(chunks)
+}

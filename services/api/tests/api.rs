@@ -1,0 +1,840 @@
+//! The read API against the real ClickHouse of the local stack (`make up`): every test gets its
+//! own database, its own keys and an in-process server on a free port.
+
+use std::collections::BTreeSet;
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use audit_api::config::ApiConfig;
+use audit_api::keys::{self, Role};
+use audit_api::Application;
+use audit_store::clickhouse;
+use audit_store::{AuditEventRow, ClickHouseConfig};
+use reqwest::StatusCode;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+
+fn clickhouse_url() -> String {
+    std::env::var("AUDIT_TEST_CLICKHOUSE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
+}
+
+const BASE_MS: i64 = 1_735_689_600_000; // 2025-01-01T00:00:00Z
+
+/// One running API with its own database.
+struct TestApi {
+    address: SocketAddr,
+    clickhouse: ClickHouseConfig,
+    http: reqwest::Client,
+    shutdown: tokio_util::sync::CancellationToken,
+    server: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl TestApi {
+    async fn spawn(name: &str) -> Self {
+        Self::spawn_with(name, |_| {}).await
+    }
+
+    async fn spawn_with(name: &str, tune: impl FnOnce(&mut ApiConfig)) -> Self {
+        let suffix = uuid::Uuid::new_v4().simple().to_string();
+        let mut config = ApiConfig {
+            http_listen: "127.0.0.1:0".parse().unwrap(),
+            clickhouse: ClickHouseConfig {
+                url: clickhouse_url(),
+                database: format!("audit_api_test_{name}_{}", &suffix[..12]),
+                ..ClickHouseConfig::default()
+            },
+            shutdown_timeout_ms: 2_000,
+            ..ApiConfig::default()
+        };
+        config.read_events.enabled = false;
+        config.rate_limit.requests_per_second = 0;
+        config.keys.refresh_interval_ms = 200;
+        tune(&mut config);
+        let clickhouse = config.clickhouse.clone();
+        let app = Application::build(config).await.expect("api starts");
+        let address = app.local_addr().unwrap();
+        let shutdown = app.shutdown_token();
+        let server = tokio::spawn(async move {
+            app.run().await.expect("api runs");
+        });
+        Self {
+            address,
+            clickhouse,
+            http: reqwest::Client::new(),
+            shutdown,
+            server: Some(server),
+        }
+    }
+
+    fn client(&self) -> clickhouse::Client {
+        self.clickhouse.client()
+    }
+
+    /// Creates a key and waits until the running service knows it.
+    async fn key(&self, org: &str, role: Role) -> String {
+        let key = keys::generate(org, role, "test");
+        keys::create(&self.client(), &key).await.unwrap();
+        let text = key.secret.expose_secret().to_owned();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let status = self.get(&text, "limit=1").await.0;
+            if status != StatusCode::UNAUTHORIZED || Instant::now() > deadline {
+                return text;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn insert(&self, rows: &[AuditEventRow]) {
+        let mut insert = self
+            .client()
+            .insert::<AuditEventRow>(audit_store::EVENTS_TABLE)
+            .await
+            .unwrap();
+        for row in rows {
+            insert.write(row).await.unwrap();
+        }
+        insert.end().await.unwrap();
+    }
+
+    fn url(&self, path: &str, query: &str) -> String {
+        format!("http://{}{path}?{query}", self.address)
+    }
+
+    /// GET the list endpoint with an `X-API-Key`.
+    async fn get(
+        &self,
+        key: &str,
+        query: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+        self.get_path(key, "/api/v1/organization/audit-logs", query)
+            .await
+    }
+
+    async fn get_path(
+        &self,
+        key: &str,
+        path: &str,
+        query: &str,
+    ) -> (StatusCode, reqwest::header::HeaderMap, Vec<u8>) {
+        let response = self
+            .http
+            .get(self.url(path, query))
+            .header("X-API-Key", key)
+            .send()
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let body = response.bytes().await.unwrap().to_vec();
+        (status, headers, body)
+    }
+
+    /// A 200 JSON page.
+    async fn page(&self, key: &str, query: &str) -> Value {
+        let (status, _, body) = self.get(key, query).await;
+        assert_eq!(
+            status,
+            StatusCode::OK,
+            "{query}: {}",
+            String::from_utf8_lossy(&body)
+        );
+        serde_json::from_slice(&body).unwrap()
+    }
+
+    async fn stop(mut self) {
+        self.shutdown.cancel();
+        if let Some(server) = self.server.take() {
+            let _ = server.await;
+        }
+        let _ = self
+            .clickhouse
+            .server_client()
+            .query(&format!(
+                "DROP DATABASE IF EXISTS {}",
+                self.clickhouse.database
+            ))
+            .execute()
+            .await;
+    }
+}
+
+fn ids(page: &Value) -> Vec<String> {
+    page["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A stored event; `n` makes every field distinct enough to filter on.
+fn event(org: &str, id: &str, at_ms: i64) -> AuditEventRow {
+    AuditEventRow {
+        organization_id: org.to_owned(),
+        occurred_at_ms: at_ms,
+        id: id.to_owned(),
+        event_type: "user.created".to_owned(),
+        actor_id: "usr_admin".to_owned(),
+        actor_type: "user".to_owned(),
+        actor_email: Some("Ada.Admin@Acme.example".to_owned()),
+        actor_name: Some("Ada Admin".to_owned()),
+        resource_type: "user".to_owned(),
+        resource_id: format!("usr_{id}"),
+        resource_name: None,
+        affected_user_id: Some(format!("usr_{id}")),
+        affected_user_email: Some(format!("{id}@acme.example")),
+        changes: r#"[{"field":"role","oldValue":"member","newValue":"admin"}]"#.to_owned(),
+        context_ip: Some("203.0.113.7".to_owned()),
+        context_user_agent: Some("curl/8".to_owned()),
+        context_request_id: Some("req_1".to_owned()),
+        context_location: None,
+        metadata: Some(r#"{"source":"test"}"#.to_owned()),
+        source_topic: "identity.users.v1".to_owned(),
+        source_partition: 0,
+        source_offset: 0,
+        ingested_at_ms: 1,
+    }
+}
+
+/// Events `e000..` one second apart, with a few types, actors and resources mixed in.
+fn series(org: &str, count: usize) -> Vec<AuditEventRow> {
+    (0..count)
+        .map(|n| {
+            let mut row = event(org, &format!("e{n:03}"), BASE_MS + n as i64 * 1000);
+            if n % 3 == 0 {
+                row.event_type = "team_member.added".to_owned();
+                row.resource_type = "team".to_owned();
+                row.resource_id = format!("team_{}", n % 2);
+            }
+            if n % 4 == 0 {
+                row.actor_id = "usr_bob".to_owned();
+                row.actor_email = Some("bob@acme.example".to_owned());
+            }
+            if n % 5 == 0 {
+                row.actor_email = None;
+            }
+            row
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn keys_decide_who_reads() {
+    let api = TestApi::spawn("auth").await;
+    let admin = api.key("org_a", Role::Admin).await;
+    let member = api.key("org_a", Role::Member).await;
+
+    let url = api.url("/api/v1/organization/audit-logs", "");
+    let missing = api.http.get(&url).send().await.unwrap();
+    assert_eq!(missing.status(), StatusCode::UNAUTHORIZED);
+    let body: Value = missing.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "missing_api_key");
+
+    assert_eq!(
+        api.get("alk_0000000000000000_nope", "").await.0,
+        StatusCode::UNAUTHORIZED
+    );
+    let mut forged = admin.clone();
+    forged.replace_range(forged.len() - 2.., "xx");
+    assert_eq!(api.get(&forged, "").await.0, StatusCode::UNAUTHORIZED);
+    assert_eq!(api.get(&member, "").await.0, StatusCode::FORBIDDEN);
+    assert_eq!(api.get(&admin, "").await.0, StatusCode::OK);
+
+    let bearer = api
+        .http
+        .get(&url)
+        .header("Authorization", format!("Bearer {admin}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bearer.status(), StatusCode::OK);
+
+    // Revocation reaches the running service within the 5 s promise.
+    let key_id = admin.split('_').nth(1).unwrap().to_owned();
+    let revoked_at = Instant::now();
+    keys::revoke(&api.client(), &key_id).await.unwrap();
+    loop {
+        if api.get(&admin, "").await.0 == StatusCode::UNAUTHORIZED {
+            break;
+        }
+        assert!(
+            revoked_at.elapsed() < Duration::from_secs(5),
+            "revocation not applied within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Usage is recorded (last-used time) without the key ever being stored in clear.
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let stored: Vec<String> = api
+        .client()
+        .query("SELECT secret_sha256 FROM api_keys")
+        .fetch_all()
+        .await
+        .unwrap();
+    assert!(stored
+        .iter()
+        .all(|hash| hash.len() == 64 && !admin.contains(hash.as_str())));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn pages_sort_filter_and_count() {
+    let api = TestApi::spawn("pages").await;
+    let key = api.key("org_a", Role::Admin).await;
+    let rows = series("org_a", 30);
+    api.insert(&rows).await;
+
+    // Defaults: newest first, 50 per page, exact total.
+    let page = api.page(&key, "").await;
+    assert_eq!(page["total"], 30);
+    assert_eq!(page["limit"], 50);
+    assert_eq!(page["offset"], 0);
+    assert_eq!(page["nextCursor"], Value::Null);
+    let all = ids(&page);
+    assert_eq!(all.first().unwrap(), "e029");
+    assert_eq!(all.last().unwrap(), "e000");
+    let asc = ids(&api.page(&key, "sort=asc").await);
+    assert_eq!(asc, all.iter().rev().cloned().collect::<Vec<_>>());
+
+    // An item carries every field the contract lists, as stored.
+    let item = &page["items"][29];
+    assert_eq!(item["timestamp"], "2025-01-01T00:00:00.000Z");
+    assert_eq!(item["eventType"], "team_member.added");
+    assert_eq!(item["actor"]["id"], "usr_bob");
+    assert_eq!(item["actor"]["email"], Value::Null);
+    assert_eq!(item["affectedUser"]["email"], "e000@acme.example");
+    assert_eq!(item["resource"]["type"], "team");
+    assert_eq!(item["changes"][0]["oldValue"], "member");
+    assert_eq!(item["context"]["ip"], "203.0.113.7");
+    assert_eq!(item["metadata"]["source"], "test");
+
+    // limit 1 and offset past the end.
+    let one = api.page(&key, "limit=1&offset=3").await;
+    assert_eq!(ids(&one), vec!["e026"]);
+    assert!(one["nextCursor"].is_string());
+    let past = api.page(&key, "offset=500").await;
+    assert_eq!(past["items"].as_array().unwrap().len(), 0);
+    assert_eq!(past["total"], 30);
+
+    // from inclusive, to exclusive, at millisecond edges.
+    let window = api
+        .page(
+            &key,
+            "from=2025-01-01T00:00:05Z&to=2025-01-01T00:00:08Z&sort=asc",
+        )
+        .await;
+    assert_eq!(ids(&window), vec!["e005", "e006", "e007"]);
+    let edge = api
+        .page(
+            &key,
+            "from=2025-01-01T00:00:05.001Z&to=2025-01-01T00:00:08.001Z&sort=asc",
+        )
+        .await;
+    assert_eq!(ids(&edge), vec!["e006", "e007", "e008"]);
+    let offset_zone = api
+        .page(
+            &key,
+            "from=2025-01-01T01:00:05%2B01:00&to=2025-01-01T01:00:06%2B01:00",
+        )
+        .await;
+    assert_eq!(ids(&offset_zone), vec!["e005"]);
+
+    // Each filter alone, checked against the rows themselves.
+    let expect = |keep: &dyn Fn(&AuditEventRow) -> bool| -> BTreeSet<String> {
+        rows.iter()
+            .filter(|r| keep(r))
+            .map(|r| r.id.clone())
+            .collect()
+    };
+    let got = |page: Value| -> BTreeSet<String> { ids(&page).into_iter().collect() };
+    assert_eq!(
+        got(api.page(&key, "eventType=team_member.added").await),
+        expect(&|r| r.event_type == "team_member.added")
+    );
+    assert_eq!(
+        got(api.page(&key, "actorId=usr_bob").await),
+        expect(&|r| r.actor_id == "usr_bob")
+    );
+    assert_eq!(
+        got(api.page(&key, "actorEmail=ADA.admin%40acme.EXAMPLE").await),
+        expect(&|r| r.actor_email.as_deref() == Some("Ada.Admin@Acme.example"))
+    );
+    assert_eq!(
+        got(api.page(&key, "resourceType=team").await),
+        expect(&|r| r.resource_type == "team")
+    );
+    assert_eq!(
+        got(api.page(&key, "resourceId=team_1").await),
+        expect(&|r| r.resource_id == "team_1")
+    );
+    let combined = api
+        .page(
+            &key,
+            "eventType=team_member.added&actorId=usr_bob&resourceId=team_0",
+        )
+        .await;
+    assert_eq!(
+        got(combined.clone()),
+        expect(&|r| r.event_type == "team_member.added"
+            && r.actor_id == "usr_bob"
+            && r.resource_id == "team_0")
+    );
+    assert_eq!(
+        combined["total"].as_u64().unwrap() as usize,
+        ids(&combined).len()
+    );
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn ties_redeliveries_and_cursors() {
+    let api = TestApi::spawn("cursor").await;
+    let key = api.key("org_a", Role::Admin).await;
+    // Ten events in the same millisecond: ties are broken by id, both ways.
+    let tied: Vec<AuditEventRow> = (0..10)
+        .map(|n| event("org_a", &format!("t{n}"), BASE_MS))
+        .collect();
+    api.insert(&tied).await;
+    // The same events delivered again (a re-delivery after a crash): still shown once.
+    let mut again = tied.clone();
+    for row in &mut again {
+        row.ingested_at_ms = 2;
+    }
+    api.insert(&again).await;
+
+    let desc = api.page(&key, "").await;
+    assert_eq!(desc["total"], 10);
+    assert_eq!(
+        ids(&desc),
+        (0..10).rev().map(|n| format!("t{n}")).collect::<Vec<_>>()
+    );
+    let asc = api.page(&key, "sort=asc").await;
+    assert_eq!(
+        ids(&asc),
+        (0..10).map(|n| format!("t{n}")).collect::<Vec<_>>()
+    );
+
+    // Offset pages of 3 never overlap or skip.
+    let mut by_offset = Vec::new();
+    for offset in (0..10).step_by(3) {
+        by_offset.extend(ids(&api
+            .page(&key, &format!("limit=3&offset={offset}"))
+            .await));
+    }
+    assert_eq!(by_offset, ids(&desc));
+
+    // Cursor pages, with new events arriving (newer) during the walk: same sequence, no repeat.
+    let mut by_cursor = Vec::new();
+    let mut page = api.page(&key, "limit=3").await;
+    api.insert(&[event("org_a", "late", BASE_MS + 5_000)]).await;
+    loop {
+        by_cursor.extend(ids(&page));
+        let Some(cursor) = page["nextCursor"].as_str().map(str::to_owned) else {
+            break;
+        };
+        page = api.page(&key, &format!("limit=3&cursor={cursor}")).await;
+        assert_eq!(page["offset"], 0);
+    }
+    assert_eq!(by_cursor, ids(&desc));
+
+    // A cursor is bound to its filters and sort.
+    let first = api.page(&key, "limit=2&sort=asc").await;
+    let cursor = first["nextCursor"].as_str().unwrap();
+    let (status, _, body) = api.get(&key, &format!("limit=2&cursor={cursor}")).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["parameter"], "cursor");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn csv_matches_json_and_is_safe_for_spreadsheets() {
+    let api = TestApi::spawn("csv").await;
+    let key = api.key("org_a", Role::Admin).await;
+    let mut rows = series("org_a", 12);
+    rows[3].actor_name = Some("=cmd|' /C calc'!A0".to_owned());
+    rows[4].resource_name = Some("Team, \"quoted\"\nsecond line".to_owned());
+    rows[5].actor_name = Some("Zoë 🚀 ∑".to_owned());
+    api.insert(&rows).await;
+
+    let query = "limit=7&offset=2&sort=asc&from=2025-01-01T00:00:01Z";
+    let json = api.page(&key, query).await;
+    let (status, headers, body) = api.get(&key, &format!("{query}&format=csv")).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(headers["content-type"], "text/csv; charset=utf-8");
+    assert_eq!(
+        headers["content-disposition"],
+        "attachment; filename=\"audit-logs-20250101T000001Z-now.csv\""
+    );
+    assert_eq!(headers["x-total-count"], "11");
+
+    let mut reader = csv::Reader::from_reader(&body[..]);
+    let header: Vec<String> = reader
+        .headers()
+        .unwrap()
+        .iter()
+        .map(str::to_owned)
+        .collect();
+    assert_eq!(header, audit_api::render::CSV_HEADER);
+    let records: Vec<csv::StringRecord> = reader.records().map(Result::unwrap).collect();
+    let items = json["items"].as_array().unwrap();
+    assert_eq!(records.len(), items.len());
+    let column = |name: &str| header.iter().position(|h| h == name).unwrap();
+    for (record, item) in records.iter().zip(items) {
+        assert_eq!(&record[column("id")], item["id"].as_str().unwrap());
+        assert_eq!(
+            &record[column("timestamp")],
+            item["timestamp"].as_str().unwrap()
+        );
+        assert_eq!(
+            &record[column("eventType")],
+            item["eventType"].as_str().unwrap()
+        );
+        assert_eq!(
+            &record[column("actorId")],
+            item["actor"]["id"].as_str().unwrap()
+        );
+        assert_eq!(
+            &record[column("actorEmail")],
+            item["actor"]["email"].as_str().unwrap_or("")
+        );
+        let name = item["actor"]["name"].as_str().unwrap_or("");
+        assert_eq!(
+            &record[column("actorName")],
+            audit_api::render::neutralize(name).as_ref()
+        );
+        assert_eq!(
+            &record[column("resourceName")],
+            item["resource"]["name"].as_str().unwrap_or("")
+        );
+        let changes: Value = serde_json::from_str(&record[column("changes")]).unwrap();
+        assert_eq!(changes, item["changes"]);
+        let metadata: Value = serde_json::from_str(&record[column("metadata")]).unwrap();
+        assert_eq!(metadata, item["metadata"]);
+    }
+    let formula = records.iter().find(|r| &r[0] == "e003").unwrap();
+    assert_eq!(&formula[column("actorName")], "'=cmd|' /C calc'!A0");
+    let quoted = records.iter().find(|r| &r[0] == "e004").unwrap();
+    assert_eq!(
+        &quoted[column("resourceName")],
+        "Team, \"quoted\"\nsecond line"
+    );
+    let unicode = records.iter().find(|r| &r[0] == "e005").unwrap();
+    assert_eq!(&unicode[column("actorName")], "Zoë 🚀 ∑");
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_organization_never_sees_another_ones_events() {
+    let api = TestApi::spawn("tenancy").await;
+    let key_a = api.key("org_a", Role::Admin).await;
+    let key_b = api.key("org_b", Role::Admin).await;
+    // Same ids, times, actors and resources in both organizations.
+    let mut a = series("org_a", 20);
+    let mut b = series("org_b", 20);
+    for row in &mut a {
+        row.metadata = Some(r#"{"owner":"a"}"#.to_owned());
+    }
+    for row in &mut b {
+        row.metadata = Some(r#"{"owner":"b"}"#.to_owned());
+    }
+    api.insert(&a).await;
+    api.insert(&b).await;
+
+    let filters = [
+        "",
+        "eventType=team_member.added",
+        "actorId=usr_bob",
+        "actorEmail=bob%40acme.example",
+        "resourceType=team",
+        "resourceId=team_0",
+        "from=2025-01-01T00:00:03Z",
+        "to=2025-01-01T00:00:09Z",
+    ];
+    let tails = ["", "sort=asc", "limit=3", "limit=3&offset=2", "format=csv"];
+    for (key, owner) in [(&key_a, "a"), (&key_b, "b")] {
+        for i in 0..filters.len() {
+            for j in i..filters.len() {
+                for tail in tails {
+                    let query = [filters[i], filters[j], tail]
+                        .iter()
+                        .filter(|p| !p.is_empty())
+                        .copied()
+                        .collect::<BTreeSet<_>>()
+                        .into_iter()
+                        .collect::<Vec<_>>()
+                        .join("&");
+                    let (status, _, body) = api.get(key, &query).await;
+                    assert_eq!(status, StatusCode::OK, "{query}");
+                    let text = String::from_utf8(body).unwrap();
+                    let other = if owner == "a" { "b" } else { "a" };
+                    assert!(
+                        !text.contains(&format!("\"owner\":\"{other}\""))
+                            && !text.contains(&format!("\"\"owner\"\":\"\"{other}\"\"")),
+                        "{query} leaked org_{other}"
+                    );
+                }
+            }
+        }
+        let export = api
+            .get_path(
+                key,
+                "/api/v1/organization/audit-logs/export",
+                "format=ndjson",
+            )
+            .await;
+        let lines: Vec<Value> = export
+            .2
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| serde_json::from_slice(l).unwrap())
+            .collect();
+        assert_eq!(lines.len(), 20);
+        assert!(lines.iter().all(|l| l["metadata"]["owner"] == owner));
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn hostile_values_are_bound_not_spliced() {
+    let api = TestApi::spawn("hostile").await;
+    let key = api.key("org_a", Role::Admin).await;
+    let mut rows = series("org_a", 3);
+    rows[0].actor_id = "x' OR '1'='1".to_owned();
+    rows[1].resource_id = "Zoë\\🚀\"?;--".to_owned();
+    api.insert(&rows).await;
+    let values = [
+        "' OR 1=1 --",
+        "x' OR '1'='1",
+        "\\'; DROP TABLE audit_events; --",
+        "?",
+        "??",
+        "{name:String}",
+        "Zoë\\🚀\"?;--",
+        "=SUM(A1:A9)",
+        "%00",
+        "\u{202e}gnp.exe",
+        "a\"b,c\nd",
+    ];
+    for parameter in [
+        "eventType",
+        "actorId",
+        "actorEmail",
+        "resourceType",
+        "resourceId",
+    ] {
+        for value in values {
+            let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
+            let (status, _, body) = api.get(&key, &format!("{parameter}={encoded}")).await;
+            let text = String::from_utf8_lossy(&body);
+            if value.contains('\n') {
+                assert_eq!(
+                    status,
+                    StatusCode::BAD_REQUEST,
+                    "{parameter}={value:?}: {text}"
+                );
+                continue;
+            }
+            assert_eq!(status, StatusCode::OK, "{parameter}={value:?}: {text}");
+            let page: Value = serde_json::from_slice(&body).unwrap();
+            let expected = rows
+                .iter()
+                .filter(|r| match parameter {
+                    "eventType" => r.event_type == value,
+                    "actorId" => r.actor_id == value,
+                    "actorEmail" => {
+                        r.actor_email.as_deref().map(str::to_lowercase)
+                            == Some(value.to_lowercase())
+                    }
+                    "resourceType" => r.resource_type == value,
+                    _ => r.resource_id == value,
+                })
+                .count();
+            assert_eq!(
+                page["total"].as_u64().unwrap() as usize,
+                expected,
+                "{parameter}={value:?}"
+            );
+        }
+    }
+    // The table is still there, with every row.
+    assert_eq!(api.page(&key, "").await["total"], 3);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_400_naming_the_parameter() {
+    let api = TestApi::spawn("badinput").await;
+    let key = api.key("org_a", Role::Admin).await;
+    for (query, parameter) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("offset=-1", "offset"),
+        ("offset=abc", "offset"),
+        ("sort=newest", "sort"),
+        ("format=xml", "format"),
+        ("from=2025-01-01", "from"),
+        ("to=2025-01-01T00:00:00", "to"),
+        ("from=2025-01-02T00:00:00Z&to=2025-01-01T00:00:00Z", "from"),
+        ("limit=5&limit=5", "limit"),
+        ("cursor=garbage", "cursor"),
+        ("unknown=1", "query"),
+    ] {
+        let (status, headers, body) = api.get(&key, query).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{query}");
+        assert!(headers["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("application/json"));
+        let error: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(error["error"]["code"], "invalid_parameter", "{query}");
+        assert_eq!(error["error"]["parameter"], parameter, "{query}");
+        assert!(!error["error"]["message"].as_str().unwrap().is_empty());
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn each_key_has_a_request_budget() {
+    let api = TestApi::spawn_with("ratelimit", |config| {
+        config.rate_limit.requests_per_second = 1;
+        config.rate_limit.burst = 3;
+    })
+    .await;
+    let key = api.key("org_a", Role::Admin).await;
+    let other = api.key("org_a", Role::Admin).await;
+    let mut limited = None;
+    for _ in 0..10 {
+        let (status, headers, body) = api.get(&key, "limit=1").await;
+        if status == StatusCode::TOO_MANY_REQUESTS {
+            limited = Some((headers, body));
+            break;
+        }
+    }
+    let (headers, body) = limited.expect("the budget of 3 runs out within 10 requests");
+    let retry_after: u64 = headers["retry-after"].to_str().unwrap().parse().unwrap();
+    assert!((1..=2).contains(&retry_after));
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "rate_limited");
+    // Another key is not affected.
+    assert_eq!(api.get(&other, "limit=1").await.0, StatusCode::OK);
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn responses_match_the_openapi_document() {
+    let api = TestApi::spawn("openapi").await;
+    let key = api.key("org_a", Role::Admin).await;
+    api.insert(&series("org_a", 5)).await;
+    let served: Value = api
+        .http
+        .get(api.url("/openapi.json", ""))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let on_disk: Value = serde_json::from_str(include_str!(
+        "../../../schemas/openapi/audit-logs.openapi.json"
+    ))
+    .unwrap();
+    assert_eq!(served, on_disk);
+    let validator = |name: &str| {
+        let mut schema = serde_json::json!({"$ref": format!("#/components/schemas/{name}")});
+        schema["components"] = on_disk["components"].clone();
+        jsonschema::draft202012::options()
+            .should_validate_formats(true)
+            .build(&schema)
+            .unwrap()
+    };
+    let page = validator("AuditLogPage");
+    let error = validator("Error");
+    for query in [
+        "",
+        "limit=2",
+        "sort=asc&limit=1",
+        "eventType=user.created",
+        "offset=99",
+    ] {
+        let body = api.page(&key, query).await;
+        let problems: Vec<String> = page.iter_errors(&body).map(|e| e.to_string()).collect();
+        assert!(problems.is_empty(), "{query}: {problems:?}");
+    }
+    for (key, query) in [
+        (key.as_str(), "limit=0"),
+        ("nope", ""),
+        (key.as_str(), "bogus=1"),
+    ] {
+        let (_, _, body) = api.get(key, query).await;
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        assert!(error.is_valid(&body), "{query}: {body}");
+    }
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_store_is_a_clear_503() {
+    let api = TestApi::spawn("down").await;
+    let key = api.key("org_a", Role::Admin).await;
+    // The same keys, in front of a ClickHouse that does not answer.
+    let mut config = ApiConfig::default();
+    config.read_events.enabled = false;
+    config.clickhouse.url = "http://127.0.0.1:9".to_owned();
+    let state = audit_api::AppState::new(&config).unwrap();
+    state
+        .keys
+        .replace(keys::load(&api.client(), None).await.unwrap());
+    let router = audit_api::routes::router(state);
+    use tower::ServiceExt;
+    let request = axum::http::Request::get("/api/v1/organization/audit-logs")
+        .header("X-API-Key", &key)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "store_unavailable");
+    assert!(!String::from_utf8_lossy(&body).contains("127.0.0.1"));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn freshness_and_request_ids_come_with_every_answer() {
+    let api = TestApi::spawn("fresh").await;
+    let key = api.key("org_a", Role::Admin).await;
+    let mut row = event("org_a", "f1", BASE_MS);
+    row.ingested_at_ms = 1_750_000_000_000;
+    api.insert(&[row]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (status, headers, _) = api.get(&key, "").await;
+        assert_eq!(status, StatusCode::OK);
+        assert!(headers.contains_key("x-request-id"));
+        if let Some(fresh) = headers.get("x-audit-newest-ingested-at") {
+            assert_eq!(fresh, "2025-06-15T15:06:40.000Z");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no freshness header");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let metrics = api
+        .http
+        .get(api.url("/metrics", ""))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("audit_api_requests_total{format=\"json\",route=\"/api/v1/organization/audit-logs\",status=\"200\"}"));
+    api.stop().await;
+}

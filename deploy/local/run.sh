@@ -12,6 +12,7 @@ cargo build --workspace --bins
 SERVICES_DIR="$AUDIT_STATE_DIR/services"
 mkdir -p "$SERVICES_DIR"
 INGEST_PORT="${AUDIT_INGEST_HTTP_PORT:-18081}"
+API_PORT="${AUDIT_API_HTTP_PORT:-18080}"
 
 started=()
 service_pids=()
@@ -41,12 +42,28 @@ export AUDIT_INGEST__KAFKA__BROKERS="127.0.0.1:$AUDIT_KAFKA_PORT"
 export AUDIT_INGEST__CLICKHOUSE__URL="http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT"
 export AUDIT_INGEST__HTTP_LISTEN="127.0.0.1:$INGEST_PORT"
 export AUDIT_INGEST__TELEMETRY__LOG_FORMAT="${AUDIT_INGEST__TELEMETRY__LOG_FORMAT:-pretty}"
+# The identity topics, plus the API's own read events (reads of the audit log are audited).
+export AUDIT_INGEST__KAFKA__TOPICS="identity.users.v1,identity.teams.v1,identity.auth.v1,audit.reads.v1"
+export AUDIT_API__CLICKHOUSE__URL="$AUDIT_INGEST__CLICKHOUSE__URL"
+export AUDIT_API__READ_EVENTS__BROKERS="$AUDIT_INGEST__KAFKA__BROKERS"
+export AUDIT_API__HTTP_LISTEN="127.0.0.1:$API_PORT"
+export AUDIT_API__TELEMETRY__LOG_FORMAT="${AUDIT_API__TELEMETRY__LOG_FORMAT:-pretty}"
 
 log "starting audit-ingest (log: $SERVICES_DIR/ingest.log)"
 target/debug/audit-ingest run >"$SERVICES_DIR/ingest.log" 2>&1 &
 service_pids+=($!)
 wait_until 60 "audit-ingest" curl -fs "http://127.0.0.1:$INGEST_PORT/readyz" \
   || { tail -n 30 "$SERVICES_DIR/ingest.log" >&2; die "audit-ingest did not become ready"; }
+
+log "starting audit-api (log: $SERVICES_DIR/api.log)"
+target/debug/audit-api serve >"$SERVICES_DIR/api.log" 2>&1 &
+service_pids+=($!)
+wait_until 60 "audit-api" curl -fs "http://127.0.0.1:$API_PORT/readyz" \
+  || { tail -n 30 "$SERVICES_DIR/api.log" >&2; die "audit-api did not become ready"; }
+# A fresh admin key for the demo organization on every run (shown once, stored hashed).
+DEMO_KEY="$(target/debug/audit-api keys create --org org_demo --role admin --name "make run demo" --quiet)"
+printf '%s\n' "$DEMO_KEY" >"$SERVICES_DIR/demo-api-key"
+chmod 600 "$SERVICES_DIR/demo-api-key"
 
 # A fixed seed and run id: running `make run` again republishes the same events, which the
 # ingest de-duplicates, so the demo data does not grow.
@@ -68,15 +85,18 @@ cat <<MSG
     Kafka         127.0.0.1:$AUDIT_KAFKA_PORT
     audit-ingest  http://127.0.0.1:$INGEST_PORT/metrics  (log: $SERVICES_DIR/ingest.log)
 
-  $(count) demo events were published through Kafka and ingested. Look at them:
+  $(count) demo events were published through Kafka and ingested. Read them through the API
+  (admin key of org_demo, also in $SERVICES_DIR/demo-api-key):
 
-    curl -s 'http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT/?database=audit' --data-binary \\
-      "SELECT toDateTime(intDiv(occurred_at_ms, 1000)) AS at, event_type, actor_email, resource_name
-       FROM audit_events FINAL WHERE organization_id = 'org_demo' ORDER BY occurred_at_ms DESC LIMIT 10
-       FORMAT PrettyCompact"
+    export KEY='$DEMO_KEY'
+    curl -s -H "X-API-Key: \$KEY" 'http://127.0.0.1:$API_PORT/api/v1/organization/audit-logs?limit=5'
+    curl -s -H "X-API-Key: \$KEY" 'http://127.0.0.1:$API_PORT/api/v1/organization/audit-logs?eventType=team_member.added&format=csv'
+    curl -s -H "X-API-Key: \$KEY" 'http://127.0.0.1:$API_PORT/api/v1/organization/audit-logs/export?format=ndjson' | head -3
+
+    audit-api     http://127.0.0.1:$API_PORT  (/openapi.json, /metrics; log: $SERVICES_DIR/api.log)
 
   More events: target/debug/audit-loadgen --count 1000
-  The read API (GET /api/v1/organization/audit-logs) arrives with issue 4.
+  More keys:   target/debug/audit-api keys create --org org_acme --role admin
 
   Press Ctrl-C to stop everything this command started.
 MSG

@@ -88,13 +88,18 @@ pub fn init(
             source,
         })?;
     let fmt_layer = match config.log_format {
+        // Logs on stderr: stdout stays for what a command prints (a new API key, a replay summary).
         LogFormat::Json => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
             .json()
             .flatten_event(true)
             .with_current_span(true)
             .with_span_list(false)
             .boxed(),
-        LogFormat::Pretty => tracing_subscriber::fmt::layer().compact().boxed(),
+        LogFormat::Pretty => tracing_subscriber::fmt::layer()
+            .with_writer(std::io::stderr)
+            .compact()
+            .boxed(),
     };
 
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());

@@ -11,9 +11,15 @@ output="$AUDIT_STATE_DIR/test-output.log"
 set +e
 cargo test --workspace "$@" 2>&1 | tee "$output"
 status=${PIPESTATUS[0]}
+# Schema-driven fuzzing of the read API (schemathesis), when the workspace tests passed.
+fuzz="not run"
+if (( status == 0 )); then
+  if "$LOCAL_DIR/fuzz-api.sh"; then fuzz="passed"; else fuzz="FAILED"; status=1; fi
+fi
 set -e
 stop_started_parts_now
 # One closing line for the whole workspace (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$output"
+echo "api fuzz (schemathesis): $fuzz"
 exit "$status"

@@ -14,7 +14,7 @@ use crate::error::ApiError;
 
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 1000;
-/// Longest accepted filter value; ids and emails are far shorter.
+/// Longest accepted filter value, in characters; ids and emails are far shorter.
 const MAX_VALUE_LEN: usize = 512;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -169,19 +169,40 @@ impl Params {
         if value.is_empty() {
             return Err(ApiError::invalid(name, format!("{name} must not be empty")));
         }
-        if value.len() > MAX_VALUE_LEN {
+        if value.chars().count() > MAX_VALUE_LEN {
             return Err(ApiError::invalid(
                 name,
-                format!("{name} is longer than {MAX_VALUE_LEN} bytes"),
-            ));
-        }
-        if value.chars().any(char::is_control) {
-            return Err(ApiError::invalid(
-                name,
-                format!("{name} must not contain control characters"),
+                format!("{name} is longer than {MAX_VALUE_LEN} characters"),
             ));
         }
         Ok(Some(value.to_owned()))
+    }
+
+    /// An email address, lower-cased (the match is case-insensitive). Only its shape is
+    /// checked: something before and after one `@`, no spaces.
+    fn email(&self, name: &'static str) -> Result<Option<String>, ApiError> {
+        let Some(value) = self.text(name)? else {
+            return Ok(None);
+        };
+        let well_formed = match value.split_once('@') {
+            Some((local, domain)) => {
+                !local.is_empty()
+                    && !domain.is_empty()
+                    && !domain.contains('@')
+                    && !value.chars().any(|c| c.is_whitespace() || c.is_control())
+            }
+            None => false,
+        };
+        if !well_formed {
+            return Err(ApiError::invalid(
+                name,
+                format!(
+                    "{name} must be an email address, got {:?}",
+                    truncate(&value)
+                ),
+            ));
+        }
+        Ok(Some(value.to_lowercase()))
     }
 
     fn time(&self, name: &'static str) -> Result<Option<i64>, ApiError> {
@@ -211,7 +232,7 @@ impl Params {
             to_ms: self.time("to")?,
             event_type: self.text("eventType")?,
             actor_id: self.text("actorId")?,
-            actor_email: self.text("actorEmail")?.map(|e| e.to_lowercase()),
+            actor_email: self.email("actorEmail")?,
             resource_type: self.text("resourceType")?,
             resource_id: self.text("resourceId")?,
         };
@@ -394,6 +415,8 @@ mod tests {
             ("limit=5&limit=6", "limit"),
             ("eventType=a&eventType=b", "eventType"),
             ("actorId=", "actorId"),
+            ("actorEmail=null", "actorEmail"),
+            ("actorEmail=a%40b%40c", "actorEmail"),
             ("cursor=bm9wZQ", "cursor"),
             ("evenType=user.created", "query"),
         ] {

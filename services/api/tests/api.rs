@@ -618,6 +618,9 @@ async fn hostile_values_are_bound_not_spliced() {
         "%00",
         "\u{202e}gnp.exe",
         "a\"b,c\nd",
+        "o'hara@x.example",
+        "a'@b' OR 1=1 --",
+        "nul\u{0}byte",
     ];
     for parameter in [
         "eventType",
@@ -630,7 +633,7 @@ async fn hostile_values_are_bound_not_spliced() {
             let encoded: String = form_urlencoded::byte_serialize(value.as_bytes()).collect();
             let (status, _, body) = api.get(&key, &format!("{parameter}={encoded}")).await;
             let text = String::from_utf8_lossy(&body);
-            if value.contains('\n') {
+            if parameter == "actorEmail" && !value.contains('@') {
                 assert_eq!(
                     status,
                     StatusCode::BAD_REQUEST,

@@ -43,10 +43,64 @@ pub struct EventRecord {
 enum Bound {
     Text(String),
     Int(i64),
+    TextList(Vec<String>),
+}
+
+const HOUR_MS: i64 = 3_600_000;
+const DAY_MS: i64 = 24 * HOUR_MS;
+
+/// Up to this many stored rows, `total` is an exact count of distinct events.
+pub const EXACT_TOTAL_LIMIT: u64 = 100_000;
+
+/// Where a page starts in time, and which way it extends: the side a narrowing window grows
+/// from. Newest-first pages start at `to`, the cursor, or now (windows are open upwards, so
+/// events dated in the future are never cut off); oldest-first pages start at `from` or the
+/// cursor, and without either they are not narrowed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Anchor {
+    /// Window: `occurred_at_ms >= at - width`.
+    Desc(i64),
+    /// Window: `occurred_at_ms < at + width`.
+    Asc(i64),
+}
+
+impl Anchor {
+    fn of(request: &PageRequest<'_>) -> Option<Self> {
+        let cursor = request.cursor.map(|c| c.occurred_at_ms);
+        match request.sort {
+            SortOrder::Desc => {
+                let upper = [request.filters.to_ms, cursor.map(|t| t + 1)]
+                    .into_iter()
+                    .flatten()
+                    .min()
+                    .unwrap_or_else(|| chrono::Utc::now().timestamp_millis());
+                Some(Anchor::Desc(upper))
+            }
+            SortOrder::Asc => [request.filters.from_ms, cursor]
+                .into_iter()
+                .flatten()
+                .max()
+                .map(Anchor::Asc),
+        }
+    }
+
+    fn bound(self, width: i64) -> i64 {
+        match self {
+            Anchor::Desc(at) => at.saturating_sub(width),
+            Anchor::Asc(at) => at.saturating_add(width),
+        }
+    }
+
+    fn window_sql(self) -> &'static str {
+        match self {
+            Anchor::Desc(_) => "occurred_at_ms >= ?",
+            Anchor::Asc(_) => "occurred_at_ms < ?",
+        }
+    }
 }
 
 /// `WHERE` clause text with `?` placeholders, and the values for them in order.
-#[derive(Debug, Default)]
+#[derive(Debug, Clone, Default)]
 struct Condition {
     sql: String,
     values: Vec<Bound>,
@@ -113,6 +167,7 @@ impl Condition {
             query = match value {
                 Bound::Text(text) => query.bind(text.as_str()),
                 Bound::Int(n) => query.bind(*n),
+                Bound::TextList(list) => query.bind(list),
             };
         }
         query
@@ -163,8 +218,34 @@ impl AuditLogStore {
         format!("ORDER BY occurred_at_ms {dir}, id {dir}")
     }
 
-    /// Up to `limit + 1` events of the page, in order.
-    pub async fn page(&self, request: &PageRequest<'_>) -> Result<Vec<EventRecord>, ApiError> {
+    async fn fetch_all<T>(
+        &self,
+        kind: &str,
+        condition: &Condition,
+        sql: &str,
+    ) -> Result<Vec<T>, ApiError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        let started = Instant::now();
+        let result = condition
+            .bind(self.client.query(sql))
+            .fetch_all::<T>()
+            .await;
+        self.metrics.observe_query(kind, started);
+        result.map_err(|err| from_clickhouse(&err))
+    }
+
+    /// The (time, id) keys of the page: up to `limit + 1` of them, in order.
+    ///
+    /// ClickHouse 18.16 sorts every row in range before it applies LIMIT (no read-in-order), so
+    /// the page is first looked for in a narrow time window next to where it starts, sized by
+    /// cheap counts (see [`Self::narrow`]). Only the two key columns are sorted; the full rows
+    /// of the page are read afterwards by key.
+    pub async fn page_keys(
+        &self,
+        request: &PageRequest<'_>,
+    ) -> Result<Vec<(i64, String)>, ApiError> {
         let mut condition = Condition::scoped(request.organization_id, request.filters);
         let offset = match request.cursor {
             Some(cursor) => {
@@ -173,72 +254,203 @@ impl AuditLogStore {
             }
             None => request.offset,
         };
-        let sql = format!(
-            "SELECT ?fields FROM {EVENTS_TABLE} FINAL WHERE {} {} LIMIT {}, {}",
-            condition.sql,
-            Self::order_by(request.sort),
-            offset,
-            u64::from(request.limit) + 1
-        );
-        let started = Instant::now();
-        let result = condition
-            .bind(self.client.query(&sql))
-            .fetch_all::<EventRecord>()
-            .await;
-        self.metrics.observe_query("page", started);
-        result.map_err(|err| from_clickhouse(&err))
+        let wanted = u64::from(request.limit) + 1;
+        let anchor = Anchor::of(request);
+        let window = self.narrow(&condition, anchor, offset + wanted).await?;
+        let keys_in = |bound: Option<i64>| {
+            let mut condition = condition.clone();
+            if let (Some(bound), Some(anchor)) = (bound, anchor) {
+                condition.and(anchor.window_sql(), [Bound::Int(bound)]);
+            }
+            let sql = format!(
+                "SELECT occurred_at_ms, id FROM {EVENTS_TABLE} FINAL WHERE {} {} LIMIT {offset}, {wanted}",
+                condition.sql,
+                Self::order_by(request.sort),
+            );
+            (condition, sql)
+        };
+        let (narrowed, sql) = keys_in(window);
+        let keys: Vec<(i64, String)> = self.fetch_all("page_keys", &narrowed, &sql).await?;
+        if window.is_none() || keys.len() as u64 == wanted {
+            return Ok(keys);
+        }
+        // The window's count included re-deliveries not merged yet: read the whole range.
+        let (full, sql) = keys_in(None);
+        self.fetch_all("page_keys", &full, &sql).await
     }
 
-    /// Exact number of distinct events matching the filters.
-    pub async fn count(&self, organization_id: &str, filters: &Filters) -> Result<u64, ApiError> {
-        let condition = Condition::scoped(organization_id, filters);
+    /// The smallest window bound from the anchor that holds `needed` rows, or None (whole range).
+    async fn narrow(
+        &self,
+        condition: &Condition,
+        anchor: Option<Anchor>,
+        needed: u64,
+    ) -> Result<Option<i64>, ApiError> {
+        let Some(anchor) = anchor else {
+            return Ok(None);
+        };
+        // First look a week around the anchor; then, from the rate seen there, at a window
+        // sized for `needed` rows (with room to spare) and four times that.
+        let counts = self
+            .probe(condition, anchor, [HOUR_MS, DAY_MS, 7 * DAY_MS])
+            .await?;
+        if let Some(width) = counts.iter().find(|(_, n)| *n >= needed).map(|(w, _)| *w) {
+            return Ok(Some(anchor.bound(width)));
+        }
+        let week = counts[2].1;
+        let estimate = if week == 0 {
+            30 * DAY_MS
+        } else {
+            let scaled = (7 * DAY_MS) as f64 * needed as f64 / week as f64 * 1.25;
+            (scaled as i64).clamp(14 * DAY_MS, 20 * 365 * DAY_MS)
+        };
+        let wide = [
+            estimate,
+            estimate.saturating_mul(4),
+            estimate.saturating_mul(16),
+        ];
+        let counts = self.probe(condition, anchor, wide).await?;
+        Ok(counts
+            .iter()
+            .find(|(_, n)| *n >= needed)
+            .map(|(w, _)| anchor.bound(*w)))
+    }
+
+    /// Stored rows within each of three widths from the anchor (one scan of the widest).
+    async fn probe(
+        &self,
+        condition: &Condition,
+        anchor: Anchor,
+        widths: [i64; 3],
+    ) -> Result<[(i64, u64); 3], ApiError> {
+        let mut probe = condition.clone();
+        let inner = |w: i64| Bound::Int(anchor.bound(w));
+        probe.and(anchor.window_sql(), [inner(widths[2])]);
+        let test = anchor.window_sql().replace('?', "{}");
         let sql = format!(
-            "SELECT count() FROM {EVENTS_TABLE} FINAL WHERE {}",
-            condition.sql
+            "SELECT countIf({}), countIf({}), count() FROM {EVENTS_TABLE} WHERE {}",
+            test.replace("{}", &anchor.bound(widths[0]).to_string()),
+            test.replace("{}", &anchor.bound(widths[1]).to_string()),
+            probe.sql,
         );
         let started = Instant::now();
-        let result = condition
+        let result = probe
+            .bind(self.client.query(&sql))
+            .fetch_one::<(u64, u64, u64)>()
+            .await;
+        self.metrics.observe_query("window_probe", started);
+        let (a, b, c) = result.map_err(|err| from_clickhouse(&err))?;
+        Ok([(widths[0], a), (widths[1], b), (widths[2], c)])
+    }
+
+    /// Reads the events of `keys` (from [`Self::page_keys`]) in their order.
+    pub async fn page_rows(
+        &self,
+        organization_id: &str,
+        sort: SortOrder,
+        keys: &[(i64, String)],
+    ) -> Result<Vec<EventRecord>, ApiError> {
+        let Some((condition, sql)) = Self::rows_query(organization_id, sort, keys) else {
+            return Ok(Vec::new());
+        };
+        self.fetch_all("page_rows", &condition, &sql).await
+    }
+
+    /// The same rows as [`Self::page_rows`], as a cursor (CSV pages).
+    pub fn page_rows_cursor(
+        &self,
+        organization_id: &str,
+        sort: SortOrder,
+        keys: &[(i64, String)],
+    ) -> Result<Option<clickhouse::query::RowCursor<EventRecord>>, ApiError> {
+        let Some((condition, sql)) = Self::rows_query(organization_id, sort, keys) else {
+            return Ok(None);
+        };
+        condition
+            .bind(self.client.query(&sql))
+            .fetch::<EventRecord>()
+            .map(Some)
+            .map_err(|err| from_clickhouse(&err))
+    }
+
+    fn rows_query(
+        organization_id: &str,
+        sort: SortOrder,
+        keys: &[(i64, String)],
+    ) -> Option<(Condition, String)> {
+        let earliest = keys.iter().map(|(t, _)| *t).min()?;
+        let latest = keys.iter().map(|(t, _)| *t).max()?;
+        let mut condition = Condition::default();
+        condition.and(
+            "organization_id = ?",
+            [Bound::Text(organization_id.to_owned())],
+        );
+        condition.and("occurred_at_ms >= ?", [Bound::Int(earliest)]);
+        condition.and("occurred_at_ms <= ?", [Bound::Int(latest)]);
+        condition.and(
+            "has(?, id)",
+            [Bound::TextList(
+                keys.iter().map(|(_, id)| id.clone()).collect(),
+            )],
+        );
+        // LIMIT 1 BY: a re-delivery not merged yet is one event.
+        let sql = format!(
+            "SELECT ?fields FROM {EVENTS_TABLE} WHERE {} {} LIMIT 1 BY occurred_at_ms, id",
+            condition.sql,
+            Self::order_by(sort),
+        );
+        Some((condition, sql))
+    }
+
+    /// Number of events matching the filters, and whether it is exact. Up to
+    /// [`EXACT_TOTAL_LIMIT`] stored rows it counts distinct events; above, it is the number of
+    /// stored rows, which exceeds the distinct count only by re-deliveries ClickHouse has not
+    /// merged yet (a distinct count of millions of rows costs a second or more on 18.16).
+    pub async fn count(
+        &self,
+        organization_id: &str,
+        filters: &Filters,
+    ) -> Result<(u64, bool), ApiError> {
+        let condition = Condition::scoped(organization_id, filters);
+        let sql = format!("SELECT count() FROM {EVENTS_TABLE} WHERE {}", condition.sql);
+        let started = Instant::now();
+        let stored = condition
             .bind(self.client.query(&sql))
             .fetch_one::<u64>()
             .await;
         self.metrics.observe_query("count", started);
-        result.map_err(|err| from_clickhouse(&err))
+        let stored = stored.map_err(|err| from_clickhouse(&err))?;
+        if stored > EXACT_TOTAL_LIMIT || stored == 0 {
+            return Ok((stored, stored == 0));
+        }
+        let sql = format!(
+            "SELECT uniqExact(occurred_at_ms, id) FROM {EVENTS_TABLE} WHERE {}",
+            condition.sql
+        );
+        let started = Instant::now();
+        let distinct = condition
+            .bind(self.client.query(&sql))
+            .fetch_one::<u64>()
+            .await;
+        self.metrics.observe_query("count_distinct", started);
+        Ok((distinct.map_err(|err| from_clickhouse(&err))?, true))
     }
 
-    /// A cursor over matching events, read as the client consumes them. `page` bounds it to
-    /// (limit, offset); None streams everything (export).
-    pub fn stream(
+    /// Every matching event, as a cursor read as the client consumes it (exports).
+    pub fn export(
         &self,
         organization_id: &str,
         filters: &Filters,
         sort: SortOrder,
-        page: Option<(u32, u64)>,
-        cursor: Option<&Cursor>,
     ) -> Result<clickhouse::query::RowCursor<EventRecord>, ApiError> {
-        let mut condition = Condition::scoped(organization_id, filters);
-        let offset = match (cursor, page) {
-            (Some(cursor), _) => {
-                condition.after(cursor);
-                0
-            }
-            (None, Some((_, offset))) => offset,
-            (None, None) => 0,
-        };
-        let limit = page
-            .map(|(limit, _)| format!(" LIMIT {offset}, {limit}"))
-            .unwrap_or_default();
+        let condition = Condition::scoped(organization_id, filters);
         let sql = format!(
-            "SELECT ?fields FROM {EVENTS_TABLE} FINAL WHERE {} {}{limit}",
+            "SELECT ?fields FROM {EVENTS_TABLE} FINAL WHERE {} {}",
             condition.sql,
             Self::order_by(sort),
         );
-        let client = if page.is_some() {
-            &self.client
-        } else {
-            &self.export_client
-        };
         condition
-            .bind(client.query(&sql))
+            .bind(self.export_client.query(&sql))
             .fetch::<EventRecord>()
             .map_err(|err| from_clickhouse(&err))
     }

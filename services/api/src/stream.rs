@@ -104,16 +104,16 @@ impl Encoder {
     }
 }
 
-/// The body for `cursor`, whose first row (already read, to surface early errors as a proper
+/// The body for `cursor` (None: no rows), whose first row (already read, to surface early errors as a proper
 /// status) is `first`.
 pub fn body(
-    cursor: RowCursor<EventRecord>,
+    cursor: Option<RowCursor<EventRecord>>,
     first: Option<EventRecord>,
     format: BodyFormat,
     metrics: ApiMetrics,
 ) -> Body {
     struct State {
-        cursor: RowCursor<EventRecord>,
+        cursor: Option<RowCursor<EventRecord>>,
         pending: Option<EventRecord>,
         encoder: Encoder,
         started: bool,
@@ -144,7 +144,11 @@ pub fn body(
                 rows += 1;
             }
             while s.encoder.len() < CHUNK_BYTES {
-                match s.cursor.next().await {
+                let Some(cursor) = s.cursor.as_mut() else {
+                    s.done = true;
+                    break;
+                };
+                match cursor.next().await {
                     Ok(Some(record)) => {
                         s.encoder.row(record)?;
                         rows += 1;

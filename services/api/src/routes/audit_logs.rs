@@ -43,24 +43,25 @@ pub async fn list(
         offset: query.offset,
         cursor: query.cursor.as_ref(),
     };
+    let (mut keys, (total, exact)) = tokio::try_join!(
+        state.store.page_keys(&page),
+        state.store.count(org, &query.filters)
+    )?;
+    let limit = query.limit as usize;
+    let next_cursor = (keys.len() > limit).then(|| {
+        keys.truncate(limit);
+        let (occurred_at_ms, id) = keys[limit - 1].clone();
+        Cursor {
+            sort: query.sort,
+            occurred_at_ms,
+            id,
+            filters: query.filters.fingerprint(query.sort),
+        }
+        .encode()
+    });
     let mut response = match query.format {
         PageFormat::Json => {
-            let (mut rows, total) = tokio::try_join!(
-                state.store.page(&page),
-                state.store.count(org, &query.filters)
-            )?;
-            let limit = query.limit as usize;
-            let next_cursor = (rows.len() > limit).then(|| {
-                rows.truncate(limit);
-                let last = &rows[limit - 1];
-                Cursor {
-                    sort: query.sort,
-                    occurred_at_ms: last.occurred_at_ms,
-                    id: last.id.clone(),
-                    filters: query.filters.fingerprint(query.sort),
-                }
-                .encode()
-            });
+            let rows = state.store.page_rows(org, query.sort, &keys).await?;
             let body = PageBody {
                 total,
                 limit: query.limit,
@@ -73,24 +74,17 @@ pub async fn list(
                 next_cursor,
             };
             let mut response = Json(body).into_response();
-            response
-                .headers_mut()
-                .insert("x-total-count", HeaderValue::from(total));
             response.extensions_mut().insert(ResponseFormat("json"));
             response
         }
         PageFormat::Csv => {
-            let mut cursor = state.store.stream(
-                org,
-                &query.filters,
-                query.sort,
-                Some((query.limit, query.offset)),
-                query.cursor.as_ref(),
-            )?;
-            let (first, total) = tokio::try_join!(
-                async { cursor.next().await.map_err(|err| from_clickhouse(&err)) },
-                state.store.count(org, &query.filters)
-            )?;
+            let (cursor, first) = match state.store.page_rows_cursor(org, query.sort, &keys)? {
+                Some(mut cursor) => {
+                    let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
+                    (Some(cursor), first)
+                }
+                None => (None, None),
+            };
             let body = stream::body(cursor, first, BodyFormat::Csv, state.metrics.clone());
             let mut headers = HeaderMap::new();
             headers.insert(
@@ -101,12 +95,22 @@ pub async fn list(
                 header::CONTENT_DISPOSITION,
                 attachment(&query.filters, "csv"),
             );
-            headers.insert("x-total-count", HeaderValue::from(total));
+            if let Some(cursor) = &next_cursor {
+                if let Ok(value) = HeaderValue::from_str(cursor) {
+                    headers.insert("x-next-cursor", value);
+                }
+            }
             let mut response = (headers, body).into_response();
             response.extensions_mut().insert(ResponseFormat("csv"));
             response
         }
     };
+    let headers = response.headers_mut();
+    headers.insert("x-total-count", HeaderValue::from(total));
+    headers.insert(
+        "x-total-count-exact",
+        HeaderValue::from_static(if exact { "true" } else { "false" }),
+    );
     freshness_headers(&state, response.headers_mut());
     let format = match query.format {
         PageFormat::Json => "json",

@@ -25,13 +25,9 @@ pub async fn export(
         ExportFormat::Csv => BodyFormat::Csv,
         ExportFormat::Ndjson => BodyFormat::Ndjson,
     };
-    let mut cursor = state.store.stream(
-        &caller.organization_id,
-        &query.filters,
-        query.sort,
-        None,
-        None,
-    )?;
+    let mut cursor = state
+        .store
+        .export(&caller.organization_id, &query.filters, query.sort)?;
     let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
     let mut headers = HeaderMap::new();
     headers.insert(
@@ -47,7 +43,7 @@ pub async fn export(
         attachment(&query.filters, extension),
     );
     freshness_headers(&state, &mut headers);
-    let body = stream::body(cursor, first, format, state.metrics.clone());
+    let body = stream::body(Some(cursor), first, format, state.metrics.clone());
     let mut response = (headers, body).into_response();
     response
         .extensions_mut()

@@ -107,6 +107,19 @@ pub struct ExportQuery {
 }
 
 impl Filters {
+    /// True when a filter on an id or email is present: the match is probably a small set.
+    pub fn is_selective(&self) -> bool {
+        self.actor_id.is_some()
+            || self.actor_email.is_some()
+            || self.resource_id.is_some()
+            || self.spans_at_most(86_400_000)
+    }
+
+    /// True when `from` and `to` are both given and at most `ms` apart.
+    pub fn spans_at_most(&self, ms: i64) -> bool {
+        matches!((self.from_ms, self.to_ms), (Some(from), Some(to)) if to - from <= ms)
+    }
+
     /// A short fingerprint binding a cursor to the filters and sort it was made for.
     pub fn fingerprint(&self, sort: SortOrder) -> String {
         let canonical = serde_json::to_vec(&(self, sort)).unwrap_or_default();

@@ -119,6 +119,9 @@ pub fn body(
         started: bool,
         done: bool,
         metrics: ApiMetrics,
+        /// (time, id) of the last row written: rows arrive sorted, so a re-delivery not merged
+        /// yet comes right after its twin and is skipped.
+        last: Option<(i64, String)>,
     }
     let state = State {
         cursor,
@@ -127,6 +130,7 @@ pub fn body(
         started: false,
         done: false,
         metrics,
+        last: None,
     };
     let chunks = stream::unfold(state, |mut s| async move {
         if s.done {
@@ -140,6 +144,7 @@ pub fn body(
                 s.encoder.header()?;
             }
             if let Some(record) = s.pending.take() {
+                s.last = Some((record.occurred_at_ms, record.id.clone()));
                 s.encoder.row(record)?;
                 rows += 1;
             }
@@ -150,8 +155,15 @@ pub fn body(
                 };
                 match cursor.next().await {
                     Ok(Some(record)) => {
-                        s.encoder.row(record)?;
-                        rows += 1;
+                        let twin = s
+                            .last
+                            .as_ref()
+                            .is_some_and(|(t, id)| *t == record.occurred_at_ms && *id == record.id);
+                        if !twin {
+                            s.last = Some((record.occurred_at_ms, record.id.clone()));
+                            s.encoder.row(record)?;
+                            rows += 1;
+                        }
                     }
                     Ok(None) => {
                         s.done = true;

@@ -43,25 +43,27 @@ pub async fn list(
         offset: query.offset,
         cursor: query.cursor.as_ref(),
     };
-    let (mut keys, (total, exact)) = tokio::try_join!(
-        state.store.page_keys(&page),
-        state.store.count(org, &query.filters)
-    )?;
     let limit = query.limit as usize;
-    let next_cursor = (keys.len() > limit).then(|| {
-        keys.truncate(limit);
-        let (occurred_at_ms, id) = keys[limit - 1].clone();
-        Cursor {
-            sort: query.sort,
-            occurred_at_ms,
-            id,
-            filters: query.filters.fingerprint(query.sort),
-        }
-        .encode()
-    });
-    let mut response = match query.format {
+    let next_cursor = |last: Option<(i64, String)>| {
+        last.map(|(occurred_at_ms, id)| {
+            Cursor {
+                sort: query.sort,
+                occurred_at_ms,
+                id,
+                filters: query.filters.fingerprint(query.sort),
+            }
+            .encode()
+        })
+    };
+    let (mut response, total, exact) = match query.format {
         PageFormat::Json => {
-            let rows = state.store.page_rows(org, query.sort, &keys).await?;
+            let (mut rows, (total, exact)) = tokio::try_join!(
+                state.store.page(&page),
+                state.store.count(org, &query.filters)
+            )?;
+            let more = rows.len() > limit;
+            rows.truncate(limit);
+            let last = rows.last().map(|r| (r.occurred_at_ms, r.id.clone()));
             let body = PageBody {
                 total,
                 limit: query.limit,
@@ -70,14 +72,25 @@ pub async fn list(
                 } else {
                     query.offset
                 },
+                next_cursor: if more { next_cursor(last) } else { None },
                 items: rows.into_iter().map(EventItem::from).collect(),
-                next_cursor,
             };
             let mut response = Json(body).into_response();
             response.extensions_mut().insert(ResponseFormat("json"));
-            response
+            (response, total, exact)
         }
         PageFormat::Csv => {
+            let (mut keys, (total, exact)) = tokio::try_join!(
+                state.store.page_keys(&page),
+                state.store.count(org, &query.filters)
+            )?;
+            let more = keys.len() > limit;
+            keys.truncate(limit);
+            let cursor_header = if more {
+                next_cursor(keys.last().cloned())
+            } else {
+                None
+            };
             let (cursor, first) = match state.store.page_rows_cursor(org, query.sort, &keys)? {
                 Some(mut cursor) => {
                     let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
@@ -95,14 +108,12 @@ pub async fn list(
                 header::CONTENT_DISPOSITION,
                 attachment(&query.filters, "csv"),
             );
-            if let Some(cursor) = &next_cursor {
-                if let Ok(value) = HeaderValue::from_str(cursor) {
-                    headers.insert("x-next-cursor", value);
-                }
+            if let Some(cursor) = cursor_header.and_then(|c| HeaderValue::from_str(&c).ok()) {
+                headers.insert("x-next-cursor", cursor);
             }
             let mut response = (headers, body).into_response();
             response.extensions_mut().insert(ResponseFormat("csv"));
-            response
+            (response, total, exact)
         }
     };
     let headers = response.headers_mut();

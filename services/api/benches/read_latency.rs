@@ -1,0 +1,480 @@
+//! `make bench`: latency of the read API on 10,000,000 events across 100 organizations (one
+//! holding half of them), each case next to its reference line, the straightforward SQL sent
+//! straight to ClickHouse over HTTP, in one process invocation so that ratios hold on a noisy
+//! machine. Then CSV export throughput and the peak RSS of the exporting process.
+//!
+//! Needs the local stack (`make up`) and the release binary (`cargo build --release --bins`).
+//! The data set is generated once into the `audit_bench_read` database and regenerated when it
+//! is more than a day old (pages are anchored at "now", as live audit logs are).
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use audit_api::keys::{self, Role};
+use audit_api::query::{Cursor, Filters, SortOrder};
+use audit_store::clickhouse::{self, Row};
+use audit_store::{migrations, ClickHouseConfig};
+use secrecy::ExposeSecret;
+use serde::{Deserialize, Serialize};
+
+const DATABASE: &str = "audit_bench_read";
+const EVENTS: u64 = 10_000_000;
+const DATA_VERSION: u32 = 1;
+const BIG_ORG: &str = "org_big";
+const ITERATIONS: usize = 40;
+const DEPTH: u64 = 100_000;
+const EXPORT_ROWS_TARGET: u64 = 1_000_000;
+
+fn clickhouse_url() -> String {
+    std::env::var("AUDIT_TEST_CLICKHOUSE_URL")
+        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
+}
+
+fn config() -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: clickhouse_url(),
+        database: DATABASE.to_owned(),
+        compression: audit_store::Compression::None,
+        ..ClickHouseConfig::default()
+    }
+}
+
+#[derive(Debug, Row, Serialize, Deserialize)]
+struct DataMeta {
+    version: u32,
+    events: u64,
+    newest_ms: i64,
+}
+
+const TYPES: &str = "['user.created','user.updated','user.deleted','user.invited','user.logged_in','user.logged_out','user.login_failed','user.password_changed','user.mfa_enabled','team.created','team.updated','team.deleted','team_member.added','team_member.removed','team_member.updated','role.assigned','role.revoked','api_key.created','api_key.revoked','organization.updated','user.suspended','user.reactivated','user.email_changed']";
+
+/// 10M events over the last 365 days: half in `org_big`, the rest over 99 organizations; 1,000
+/// actors per organization, 23 event types, 6 resource types.
+async fn ensure_data(client: &clickhouse::Client) -> i64 {
+    let now = chrono::Utc::now().timestamp_millis();
+    let meta: Option<DataMeta> = client
+        .query("SELECT version, events, newest_ms FROM bench_meta")
+        .fetch_optional()
+        .await
+        .unwrap_or(None);
+    if let Some(meta) = meta {
+        if meta.version == DATA_VERSION
+            && meta.events == EVENTS
+            && now - meta.newest_ms < 86_400_000
+        {
+            eprintln!("bench: reusing the {EVENTS}-event data set in {DATABASE}");
+            return meta.newest_ms;
+        }
+    }
+    eprintln!("bench: generating {EVENTS} events into {DATABASE} (about a minute)");
+    let server = config().server_client();
+    server
+        .query(&format!("DROP DATABASE IF EXISTS {DATABASE}"))
+        .execute()
+        .await
+        .unwrap();
+    migrations::apply(&config()).await.unwrap();
+    let year_ms: i64 = 365 * 86_400_000;
+    let start = now - year_ms;
+    for chunk in 0..EVENTS / 1_000_000 {
+        let sql = format!(
+            "INSERT INTO audit_events SELECT
+              if(number % 2 = 0, '{BIG_ORG}', concat('org_', toString(100 + intDiv(number, 2) % 99))),
+              {start} + toInt64(cityHash64(number, 1) % {year_ms}) AS t,
+              concat('evt_', lower(hex(cityHash64(number, 2)))),
+              {TYPES}[cityHash64(number, 3) % 23 + 1],
+              concat('usr_', toString(cityHash64(number, 4) % 1000)), 'user',
+              concat('user', toString(cityHash64(number, 4) % 1000), '@example.com'),
+              concat('User ', toString(cityHash64(number, 4) % 1000)),
+              ['team','user','role','organization','session','api_key'][cityHash64(number, 5) % 6 + 1],
+              concat('res_', toString(cityHash64(number, 6) % 5000)), NULL,
+              concat('usr_', toString(cityHash64(number, 7) % 1000)),
+              concat('user', toString(cityHash64(number, 7) % 1000), '@example.com'),
+              '[{{\"field\":\"role\",\"oldValue\":\"member\",\"newValue\":\"admin\"}}]',
+              '203.0.113.7', 'Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36', concat('req_', toString(number)),
+              'Berlin, DE', '{{\"method\":\"sso\"}}', 'identity.users.v1', 0, number, toUInt64(t + 1000)
+            FROM system.numbers WHERE number >= {} LIMIT 1000000",
+            chunk * 1_000_000
+        );
+        client.query(&sql).execute().await.unwrap();
+    }
+    // Let the background merges settle so that they do not run during the measurements.
+    client
+        .query("OPTIMIZE TABLE audit_events FINAL")
+        .execute()
+        .await
+        .unwrap();
+    client
+        .query("CREATE TABLE bench_meta (version UInt32, events UInt64, newest_ms Int64) ENGINE = TinyLog")
+        .execute()
+        .await
+        .unwrap();
+    client
+        .query("INSERT INTO bench_meta VALUES (?, ?, ?)")
+        .bind(DATA_VERSION)
+        .bind(EVENTS)
+        .bind(now)
+        .execute()
+        .await
+        .unwrap();
+    now
+}
+
+fn release_binary(name: &str) -> std::path::PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../../target/release")
+        .join(name);
+    assert!(
+        path.exists(),
+        "{} missing: run `cargo build --release --bins` first",
+        path.display()
+    );
+    path
+}
+
+struct Api {
+    child: Child,
+    base: String,
+}
+
+impl Api {
+    async fn start(http: &reqwest::Client) -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new(release_binary("audit-api"))
+            .arg("serve")
+            .env("AUDIT_API__HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .env("AUDIT_API__CLICKHOUSE__URL", clickhouse_url())
+            .env("AUDIT_API__CLICKHOUSE__DATABASE", DATABASE)
+            .env("AUDIT_API__CLICKHOUSE__COMPRESSION", "none")
+            .env("AUDIT_API__READ_EVENTS__ENABLED", "false")
+            .env("AUDIT_API__RATE_LIMIT__REQUESTS_PER_SECOND", "0")
+            .env("AUDIT_API__TELEMETRY__LOG_FILTER", "warn")
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let base = format!("http://127.0.0.1:{port}");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status().is_success())
+        {
+            assert!(Instant::now() < deadline, "audit-api did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Self { child, base }
+    }
+
+    fn peak_rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        kb / 1024.0
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[index.min(sorted.len() - 1)]
+}
+
+/// p50 and p99 in milliseconds of `ITERATIONS` runs after two warm-ups.
+async fn measure<F, Fut>(mut run: F) -> (f64, f64)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
+    for _ in 0..2 {
+        run().await;
+    }
+    let mut times = Vec::with_capacity(ITERATIONS);
+    for _ in 0..ITERATIONS {
+        let started = Instant::now();
+        run().await;
+        times.push(started.elapsed().as_secs_f64() * 1000.0);
+    }
+    times.sort_by(f64::total_cmp);
+    (percentile(&times, 0.5), percentile(&times, 0.99))
+}
+
+async fn api_get(http: &reqwest::Client, url: &str, key: &str) -> Vec<u8> {
+    let response = http.get(url).header("X-API-Key", key).send().await.unwrap();
+    assert!(
+        response.status().is_success(),
+        "{url}: {}",
+        response.status()
+    );
+    response.bytes().await.unwrap().to_vec()
+}
+
+/// The straightforward SQL over ClickHouse's HTTP interface.
+async fn clickhouse_post(http: &reqwest::Client, sql: String) -> Vec<u8> {
+    let response = http
+        .post(format!("{}/?database={DATABASE}", clickhouse_url()))
+        .body(sql)
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        response.status().is_success(),
+        "{}",
+        response.text().await.unwrap_or_default()
+    );
+    response.bytes().await.unwrap().to_vec()
+}
+
+struct Case {
+    name: &'static str,
+    query: String,
+    /// WHERE clause (after the organization) and OFFSET of the reference SQL.
+    reference_where: String,
+    reference_offset: u64,
+}
+
+fn iso(ms: i64) -> String {
+    audit_api::query::format_timestamp(ms)
+}
+
+#[tokio::main]
+async fn main() {
+    let client = config().client();
+    let newest = ensure_data(&client).await;
+    let http = reqwest::Client::new();
+    let key = keys::generate(BIG_ORG, Role::Admin, "bench");
+    keys::create(&client, &key).await.unwrap();
+    let key = key.secret.expose_secret().to_owned();
+
+    // The cursor of the page at depth 100,000 (newest first, no filter).
+    let (t, id): (i64, String) = client
+        .query(&format!(
+            "SELECT occurred_at_ms, id FROM audit_events FINAL WHERE organization_id = '{BIG_ORG}' \
+             ORDER BY occurred_at_ms DESC, id DESC LIMIT {}, 1",
+            DEPTH - 1
+        ))
+        .fetch_one()
+        .await
+        .unwrap();
+    let cursor = Cursor {
+        sort: SortOrder::Desc,
+        occurred_at_ms: t,
+        id,
+        filters: Filters::default().fingerprint(SortOrder::Desc),
+    }
+    .encode();
+    let day_from = newest - 100 * 86_400_000;
+    let day_to = day_from + 86_400_000;
+    let cases = vec![
+        Case {
+            name: "first page, no filter",
+            query: "limit=50".into(),
+            reference_where: String::new(),
+            reference_offset: 0,
+        },
+        Case {
+            name: "first page, eventType",
+            query: "limit=50&eventType=role.assigned".into(),
+            reference_where: " AND event_type = 'role.assigned'".into(),
+            reference_offset: 0,
+        },
+        Case {
+            name: "first page, actorEmail",
+            query: "limit=50&actorEmail=user42%40example.com".into(),
+            reference_where: " AND lowerUTF8(actor_email) = 'user42@example.com'".into(),
+            reference_offset: 0,
+        },
+        Case {
+            name: "first page, one-day range",
+            query: format!("limit=50&from={}&to={}", iso(day_from), iso(day_to)),
+            reference_where: format!(
+                " AND occurred_at_ms >= {day_from} AND occurred_at_ms < {day_to}"
+            ),
+            reference_offset: 0,
+        },
+        Case {
+            name: "offset 100,000",
+            query: format!("limit=50&offset={DEPTH}"),
+            reference_where: String::new(),
+            reference_offset: DEPTH,
+        },
+        Case {
+            name: "cursor page at depth 100,000",
+            query: format!("limit=50&cursor={cursor}"),
+            reference_where: String::new(),
+            reference_offset: DEPTH,
+        },
+    ];
+
+    let api = Api::start(&http).await;
+    let mut rows = Vec::new();
+    for case in &cases {
+        eprintln!("bench: {}", case.name);
+        let url = format!("{}/api/v1/organization/audit-logs?{}", api.base, case.query);
+        let ours = measure(|| async {
+            api_get(&http, &url, &key).await;
+        })
+        .await;
+        let page_sql = format!(
+            "SELECT * FROM audit_events WHERE organization_id = '{BIG_ORG}'{} ORDER BY occurred_at_ms DESC, id DESC LIMIT 50 OFFSET {} FORMAT JSON",
+            case.reference_where, case.reference_offset
+        );
+        let count_sql = format!(
+            "SELECT count() FROM audit_events WHERE organization_id = '{BIG_ORG}'{} FORMAT JSON",
+            case.reference_where
+        );
+        let reference = measure(|| async {
+            tokio::join!(
+                clickhouse_post(&http, page_sql.clone()),
+                clickhouse_post(&http, count_sql.clone())
+            );
+        })
+        .await;
+        rows.push((case.name.to_owned(), ours, reference));
+    }
+    eprintln!("bench: total alone");
+    let store = audit_api::store::AuditLogStore::new(
+        client.clone(),
+        30,
+        0,
+        audit_api::metrics::ApiMetrics::new(),
+    );
+    let total = measure(|| async {
+        store.count(BIG_ORG, &Filters::default()).await.unwrap();
+    })
+    .await;
+    let total_reference = measure(|| async {
+        clickhouse_post(
+            &http,
+            format!("SELECT count() FROM audit_events WHERE organization_id = '{BIG_ORG}'"),
+        )
+        .await;
+    })
+    .await;
+    rows.push((
+        "total alone (count of 5,000,000)".to_owned(),
+        total,
+        total_reference,
+    ));
+    let page_rss = api.peak_rss_mb();
+    drop(api);
+
+    // Export: about 1,000,000 rows of org_big, in a fresh process for a clean RSS figure.
+    let export_from = newest - 73 * 86_400_000;
+    let export = Api::start(&http).await;
+    eprintln!("bench: CSV export");
+    let url = format!(
+        "{}/api/v1/organization/audit-logs/export?format=csv&from={}",
+        export.base,
+        iso(export_from)
+    );
+    let started = Instant::now();
+    let mut response = http
+        .get(&url)
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    let (mut lines, mut bytes) = (0u64, 0u64);
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+        bytes += chunk.len() as u64;
+    }
+    let export_seconds = started.elapsed().as_secs_f64();
+    let export_rows = lines - 1;
+    let export_rss = export.peak_rss_mb();
+    drop(export);
+    let started = Instant::now();
+    let reference_bytes = clickhouse_post(
+        &http,
+        format!(
+            "SELECT * FROM audit_events WHERE organization_id = '{BIG_ORG}' AND occurred_at_ms >= {export_from} \
+             ORDER BY occurred_at_ms DESC, id DESC FORMAT CSVWithNames"
+        ),
+    )
+    .await
+    .len();
+    let reference_seconds = started.elapsed().as_secs_f64();
+
+    println!(
+        "# audit-api read benchmark ({} UTC)",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M")
+    );
+    println!();
+    println!(
+        "machine: {} cores; ClickHouse 18.16 on loopback; {EVENTS} events over 365 days in 100 organizations, \
+         {BIG_ORG} holding half (5,000,000); every case reads {BIG_ORG}. {ITERATIONS} runs per line after 2 warm-ups, \
+         one client, release build.",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    println!("Reference = the straightforward SQL (page `ORDER BY occurred_at_ms DESC, id DESC LIMIT 50 OFFSET n` and `count()`, \
+              run concurrently, no de-duplication) sent to ClickHouse over HTTP.");
+    println!();
+    println!("| case | audit-api p50 ms | p99 ms | reference p50 ms | p99 ms | p99 vs reference |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    for (name, (p50, p99), (r50, r99)) in &rows {
+        println!(
+            "| {name} | {p50:.1} | {p99:.1} | {r50:.1} | {r99:.1} | {:.2}x |",
+            p99 / r99
+        );
+    }
+    println!();
+    println!("| export | rows | seconds | rows/s | peak RSS MB |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| audit-api CSV export (streamed, de-duplicated) | {export_rows} | {export_seconds:.1} | {:.0} | {export_rss:.0} |",
+        export_rows as f64 / export_seconds
+    );
+    println!(
+        "| reference: ClickHouse FORMAT CSVWithNames over HTTP (no de-duplication) | {export_rows} | {reference_seconds:.1} | {:.0} | - |",
+        export_rows as f64 / reference_seconds
+    );
+    println!();
+    println!("audit-api peak RSS over the page cases: {page_rss:.0} MB; export body {bytes} bytes, reference {reference_bytes} bytes.");
+    println!();
+    let first_pages = &rows[..4];
+    let worst_first = first_pages
+        .iter()
+        .map(|(_, (_, p99), _)| *p99)
+        .fold(0.0, f64::max);
+    let worst_ratio = first_pages
+        .iter()
+        .map(|(_, (_, p99), (_, r99))| p99 / r99)
+        .fold(0.0, f64::max);
+    let first_p99 = rows[0].1 .1;
+    let cursor_p99 = rows[5].1 .1;
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
+    println!("| target | figure | verdict |");
+    println!("|---|---|---|");
+    println!("| first page p99 < 30 ms (worst of the four first-page cases) | {worst_first:.1} ms | {} |", verdict(worst_first < 30.0));
+    println!("| first page never slower than 1.3x the reference (worst p99 ratio) | {worst_ratio:.2}x | {} |", verdict(worst_ratio <= 1.3));
+    println!(
+        "| cursor page at depth 100,000 within 2x of the first page (p99) | {:.2}x | {} |",
+        cursor_p99 / first_p99,
+        verdict(cursor_p99 <= 2.0 * first_p99)
+    );
+    let rate = export_rows as f64 / export_seconds;
+    println!(
+        "| export >= 500,000 rows/s | {rate:.0} rows/s | {} |",
+        verdict(rate >= 500_000.0)
+    );
+    println!(
+        "| export RSS < 64 MB | {export_rss:.0} MB | {} |",
+        verdict(export_rss < 64.0)
+    );
+    assert!(
+        export_rows >= EXPORT_ROWS_TARGET * 9 / 10,
+        "the export range held {export_rows} rows"
+    );
+}

@@ -10,8 +10,8 @@ run: ## Whole system locally (stack, migrations, services, demo data); Ctrl-C st
 test: ## Every test, against a real Kafka and ClickHouse started (and stopped) as needed
 	@$(LOCAL)/test.sh
 
-bench: ## Ingest benchmark (release build); table saved in services/ingest/benches/RESULTS.md
-	@$(LOCAL)/bench.sh
+bench: ## Benchmarks (release build): ingest and read API; BENCH=ingest|api runs one. Tables kept in services/*/benches/RESULTS.md
+	@$(LOCAL)/bench.sh $(or $(BENCH),all)
 
 lint: ## Formatting and clippy, warnings are errors
 	cargo fmt --all -- --check

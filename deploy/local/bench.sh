@@ -1,17 +1,31 @@
 #!/usr/bin/env bash
-# `make bench`: release build, then the ingest benchmark against the local stack (started and
-# stopped as needed). The table goes to stdout and to services/ingest/benches/RESULTS.md.
+# `make bench`: release build, then the benchmarks against the local stack (started and stopped
+# as needed). Each prints its table to stdout and keeps it in its RESULTS.md:
+#   ingest -> services/ingest/benches/RESULTS.md  (audit-ingest throughput, freshness, RSS)
+#   api    -> services/api/benches/RESULTS.md     (read latency on 10M events, CSV export)
+# `make bench` runs both; `make bench BENCH=api` (or ingest) runs one.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
+which="${1:-all}"
 "$LOCAL_DIR/install.sh"
 cd "$REPO_ROOT"
 cargo build --release --workspace --bins
 ensure_stack
-results="services/ingest/benches/RESULTS.md"
-cargo bench -p audit-ingest --bench ingest_throughput | tee "$results.tmp"
-{
-  echo "<!-- written by \`make bench\` (deploy/local/bench.sh); rerun it to refresh -->"
-  cat "$results.tmp"
-} > "$results"
-rm -f "$results.tmp"
-echo "bench: results saved to $results"
+
+run_bench() {
+  local package="$1" bench="$2" results="$3"
+  cargo bench -p "$package" --bench "$bench" | tee "$results.tmp"
+  {
+    echo "<!-- written by \`make bench\` (deploy/local/bench.sh); rerun it to refresh -->"
+    cat "$results.tmp"
+  } >"$results"
+  rm -f "$results.tmp"
+  echo "bench: results saved to $results"
+}
+
+if [[ "$which" == all || "$which" == ingest ]]; then
+  run_bench audit-ingest ingest_throughput services/ingest/benches/RESULTS.md
+fi
+if [[ "$which" == all || "$which" == api ]]; then
+  run_bench audit-api read_latency services/api/benches/RESULTS.md
+fi

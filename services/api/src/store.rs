@@ -236,30 +236,13 @@ impl AuditLogStore {
         result.map_err(|err| from_clickhouse(&err))
     }
 
-    /// Up to `limit + 1` events of the page, in order: by key (see [`Self::page_keys`]), or in
-    /// one query when the filters bound the range to a day or less (sorting that is cheap).
+    /// Up to `limit + 1` events of the page, in order: their keys first (see
+    /// [`Self::page_keys`]), then their rows. Even for a one-day range this beats one `FINAL`
+    /// query over full rows (3 + 3 ms against 13 ms for 14,000 rows on the benchmark data).
     pub async fn page(&self, request: &PageRequest<'_>) -> Result<Vec<EventRecord>, ApiError> {
-        if !request.filters.spans_at_most(DAY_MS) {
-            let keys = self.page_keys(request).await?;
-            return self
-                .page_rows(request.organization_id, request.sort, &keys)
-                .await;
-        }
-        let mut condition = Condition::scoped(request.organization_id, request.filters);
-        let offset = match request.cursor {
-            Some(cursor) => {
-                condition.after(cursor);
-                0
-            }
-            None => request.offset,
-        };
-        let sql = format!(
-            "SELECT ?fields FROM {EVENTS_TABLE} FINAL WHERE {} {} LIMIT {offset}, {}",
-            condition.sql,
-            Self::order_by(request.sort),
-            u64::from(request.limit) + 1
-        );
-        self.fetch_all("page", &condition, &sql).await
+        let keys = self.page_keys(request).await?;
+        self.page_rows(request.organization_id, request.sort, &keys)
+            .await
     }
 
     /// The (time, id) keys of the page: up to `limit + 1` of them, in order.
@@ -281,6 +264,7 @@ impl AuditLogStore {
             None => request.offset,
         };
         let wanted = u64::from(request.limit) + 1;
+        // A range of a day or less is sorted whole: a probe would cost more than it saves.
         let anchor = Anchor::of(request).filter(|_| !request.filters.spans_at_most(DAY_MS));
         let window = self.narrow(&condition, anchor, offset + wanted).await?;
         let keys_in = |bound: Option<i64>| {

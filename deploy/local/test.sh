@@ -16,10 +16,16 @@ fuzz="not run"
 if (( status == 0 )); then
   if "$LOCAL_DIR/fuzz-api.sh"; then fuzz="passed"; else fuzz="FAILED"; status=1; fi
 fi
+# Helm chart, Dockerfile, Compose file, dashboard and alert rules (offline; see the script).
+deploy="not run"
+if (( status == 0 )); then
+  if "$LOCAL_DIR/check-deploy.sh"; then deploy="passed"; else deploy="FAILED"; status=1; fi
+fi
 set -e
 stop_started_parts_now
 # One closing line for the whole workspace (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$output"
 echo "api fuzz (schemathesis): $fuzz"
+echo "deploy checks (helm, kubernetes-validate, images, compose, dashboards): $deploy"
 exit "$status"

@@ -120,6 +120,8 @@ pub struct ReadEventsConfig {
     pub topic: String,
     /// Extra librdkafka producer properties (SASL/SSL...).
     pub properties: BTreeMap<String, String>,
+    /// `sasl.password`, from a secret in the environment (`AUDIT_API__READ_EVENTS__SASL_PASSWORD`).
+    pub sasl_password: Option<secrecy::SecretString>,
 }
 
 impl Default for ReadEventsConfig {
@@ -129,6 +131,7 @@ impl Default for ReadEventsConfig {
             brokers: "127.0.0.1:19092".to_owned(),
             topic: "audit.reads.v1".to_owned(),
             properties: BTreeMap::new(),
+            sasl_password: None,
         }
     }
 }

@@ -49,6 +49,12 @@ impl ReadEventPublisher {
             for (key, value) in &config.properties {
                 client.set(key, value);
             }
+            if let Some(password) = &config.sasl_password {
+                client.set(
+                    "sasl.password",
+                    secrecy::ExposeSecret::expose_secret(password),
+                );
+            }
             Some(client.create()?)
         } else {
             None

@@ -61,11 +61,15 @@ pub struct KafkaConfig {
     /// Extra librdkafka properties for consumer and producer alike, e.g. `security.protocol`,
     /// `sasl.mechanisms`, `sasl.username`, `sasl.password`, `ssl.ca.location`.
     pub properties: BTreeMap<String, String>,
+    /// `sasl.password`, kept out of `properties` so that it can come from a secret in the
+    /// environment (`AUDIT_INGEST__KAFKA__SASL_PASSWORD`) and is never printed.
+    pub sasl_password: Option<secrecy::SecretString>,
 }
 
 impl Default for KafkaConfig {
     fn default() -> Self {
         Self {
+            sasl_password: None,
             brokers: "127.0.0.1:19092".to_owned(),
             group_id: "audit-ingest".to_owned(),
             topics: vec![

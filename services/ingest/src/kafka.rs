@@ -123,6 +123,12 @@ fn client_config(
     for (key, value) in &config.properties {
         client.set(key, value);
     }
+    if let Some(password) = &config.sasl_password {
+        client.set(
+            "sasl.password",
+            secrecy::ExposeSecret::expose_secret(password),
+        );
+    }
     for (key, value) in managed {
         client.set(*key, *value);
     }

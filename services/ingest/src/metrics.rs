@@ -5,6 +5,14 @@ use prometheus::{
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
+/// The `operation` label values of `audit_ingest_retries_total`.
+pub const RETRIED_OPERATIONS: [&str; 4] = [
+    "clickhouse_insert",
+    "directory_read",
+    "dead_letter_produce",
+    "offset_commit",
+];
+
 /// Every metric `audit-ingest` exports. Cheap to clone (handles are reference-counted).
 #[derive(Clone)]
 pub struct IngestMetrics {
@@ -127,6 +135,11 @@ impl IngestMetrics {
         registry
             .register(Box::new(newest_occurred_at.clone()))
             .expect("unique metric");
+        // Every retried operation starts at 0, so that dashboards and alerts see the series
+        // before the first failure.
+        for operation in RETRIED_OPERATIONS {
+            retries.with_label_values(&[operation]);
+        }
         Self {
             registry,
             consumed,

@@ -2,10 +2,7 @@
 
 use std::time::Instant;
 
-use prometheus::{
-    exponential_buckets, Encoder, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry,
-    TextEncoder,
-};
+use prometheus::{exponential_buckets, HistogramVec, IntCounterVec, Registry};
 
 /// Every metric `audit-api` exports. Cheap to clone (handles are reference-counted).
 #[derive(Clone)]
@@ -27,50 +24,44 @@ impl Default for ApiMetrics {
 
 impl ApiMetrics {
     pub fn new() -> Self {
+        use audit_runtime::metrics::{counter_vec, histogram_vec};
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
-        let histogram = |name: &str, help: &str, labels: &[&str]| {
-            let opts = HistogramOpts::new(name, help)
-                .buckets(exponential_buckets(0.001, 2.0, 16).expect("valid buckets"));
-            let metric = HistogramVec::new(opts, labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
+        let buckets = || exponential_buckets(0.001, 2.0, 16).expect("valid buckets");
         Self {
-            requests: counter(
+            requests: counter_vec(
+                &registry,
                 "audit_api_requests_total",
                 "HTTP requests answered, by route, status and format.",
                 &["route", "status", "format"],
             ),
-            request_seconds: histogram(
+            request_seconds: histogram_vec(
+                &registry,
                 "audit_api_request_duration_seconds",
                 "Time to the response head (streams continue after it), by route and format.",
                 &["route", "format"],
+                buckets(),
             ),
-            rows_streamed: counter(
+            rows_streamed: counter_vec(
+                &registry,
                 "audit_api_rows_streamed_total",
                 "Events written into response bodies, by format.",
                 &["format"],
             ),
-            bytes_streamed: counter(
+            bytes_streamed: counter_vec(
+                &registry,
                 "audit_api_bytes_streamed_total",
                 "Bytes of CSV and NDJSON bodies sent, by format.",
                 &["format"],
             ),
-            query_seconds: histogram(
+            query_seconds: histogram_vec(
+                &registry,
                 "audit_api_clickhouse_query_duration_seconds",
                 "ClickHouse query time, by kind (page, count).",
                 &["kind"],
+                buckets(),
             ),
-            read_events: counter(
+            read_events: counter_vec(
+                &registry,
                 "audit_api_read_events_total",
                 "audit_log.viewed/exported events handed to Kafka, by result.",
                 &["result"],
@@ -87,9 +78,6 @@ impl ApiMetrics {
 
     /// The text exposition format.
     pub fn render(&self) -> String {
-        let mut buffer = Vec::new();
-        // Encoding gathered metrics into memory cannot fail.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
-        String::from_utf8(buffer).unwrap_or_default()
+        audit_runtime::metrics::render(&self.registry)
     }
 }

@@ -1,8 +1,7 @@
 //! Prometheus metrics of the ingest service, registered once and served on `/metrics`.
 
 use prometheus::{
-    exponential_buckets, Counter, Encoder, Gauge, HistogramOpts, HistogramVec, IntCounterVec,
-    IntGaugeVec, Opts, Registry, TextEncoder,
+    exponential_buckets, Counter, Gauge, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry,
 };
 
 /// The `operation` label values of `audit_ingest_retries_total`.
@@ -34,14 +33,10 @@ pub struct IngestMetrics {
 
 impl IngestMetrics {
     pub fn new() -> Self {
+        use audit_runtime::metrics::{counter_vec, histogram_vec, register};
         let registry = Registry::new();
-        let counter = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
-        };
+        let counter =
+            |name: &str, help: &str, labels: &[&str]| counter_vec(&registry, name, help, labels);
         let consumed = counter(
             "audit_ingest_events_consumed_total",
             "Kafka messages received, valid or not.",
@@ -68,12 +63,7 @@ impl IngestMetrics {
             &["field"],
         );
         let histogram = |name: &str, help: &str, buckets: Vec<f64>| {
-            let metric = HistogramVec::new(HistogramOpts::new(name, help).buckets(buckets), &[])
-                .expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
+            histogram_vec(&registry, name, help, &[], buckets)
         };
         let batch_rows = histogram(
             "audit_ingest_batch_rows",
@@ -90,32 +80,26 @@ impl IngestMetrics {
             "Time of one ClickHouse insert, retries excluded.",
             exponential_buckets(0.002, 2.0, 12).expect("valid buckets"),
         );
-        let flush_phase_seconds = HistogramVec::new(
-            HistogramOpts::new(
-                "audit_ingest_flush_phase_seconds",
-                "Time of each phase of a flush, retries included.",
-            )
-            .buckets(exponential_buckets(0.001, 2.0, 14).expect("valid buckets")),
+        let flush_phase_seconds = histogram_vec(
+            &registry,
+            "audit_ingest_flush_phase_seconds",
+            "Time of each phase of a flush, retries included.",
             &["phase"],
-        )
-        .expect("valid metric");
-        registry
-            .register(Box::new(flush_phase_seconds.clone()))
-            .expect("unique metric");
-        let backpressure_seconds = Counter::with_opts(Opts::new(
-            "audit_ingest_backpressure_seconds_total",
-            "Time the consumer waited with a full batch for the flush ahead of it.",
-        ))
-        .expect("valid metric");
-        registry
-            .register(Box::new(backpressure_seconds.clone()))
-            .expect("unique metric");
+            exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+        );
+        let backpressure_seconds = register(
+            &registry,
+            Counter::with_opts(Opts::new(
+                "audit_ingest_backpressure_seconds_total",
+                "Time the consumer waited with a full batch for the flush ahead of it.",
+            ))
+            .expect("valid metric"),
+        );
         let gauge = |name: &str, help: &str, labels: &[&str]| {
-            let metric = IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric");
-            registry
-                .register(Box::new(metric.clone()))
-                .expect("unique metric");
-            metric
+            register(
+                &registry,
+                IntGaugeVec::new(Opts::new(name, help), labels).expect("valid metric"),
+            )
         };
         let consumer_lag = gauge(
             "audit_ingest_consumer_lag",
@@ -127,14 +111,14 @@ impl IngestMetrics {
             "Last offset committed for the partition (next offset to read).",
             &["topic", "partition"],
         );
-        let newest_occurred_at = Gauge::with_opts(Opts::new(
-            "audit_ingest_newest_occurred_at_seconds",
-            "occurredAt (Unix seconds) of the newest event inserted.",
-        ))
-        .expect("valid metric");
-        registry
-            .register(Box::new(newest_occurred_at.clone()))
-            .expect("unique metric");
+        let newest_occurred_at = register(
+            &registry,
+            Gauge::with_opts(Opts::new(
+                "audit_ingest_newest_occurred_at_seconds",
+                "occurredAt (Unix seconds) of the newest event inserted.",
+            ))
+            .expect("valid metric"),
+        );
         // Every retried operation starts at 0, so that dashboards and alerts see the series
         // before the first failure.
         for operation in RETRIED_OPERATIONS {
@@ -160,10 +144,7 @@ impl IngestMetrics {
 
     /// The Prometheus text exposition of every metric.
     pub fn render(&self) -> String {
-        let mut buffer = Vec::new();
-        // Encoding into a Vec cannot fail for well-formed metric families.
-        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut buffer);
-        String::from_utf8(buffer).unwrap_or_default()
+        audit_runtime::metrics::render(&self.registry)
     }
 }
 

@@ -140,6 +140,9 @@ fn spawn_ingest(topics: &Topics, prefix: &str, database: &str, group: &str) -> C
         .env("AUDIT_INGEST__TELEMETRY__LOG_FILTER", "warn")
         // Same host as ClickHouse: compressing the inserts only costs CPU on both sides.
         .env("AUDIT_INGEST__CLICKHOUSE__COMPRESSION", "none")
+        // The allocator settings of the ingest image (deploy/docker/Dockerfile).
+        .env("MIMALLOC_PURGE_DELAY", "0")
+        .env("MALLOC_ARENA_MAX", "2")
         .stdout(Stdio::null())
         .spawn()
         .expect("audit-ingest")
@@ -440,7 +443,8 @@ async fn main() {
     );
     println!(
         "audit-ingest: release build, default settings except clickhouse.compression=none \
-         (same host); 3 topics x {PARTITIONS} partitions. The Kafka-engine line maps the flat \
+         (same host), with the image's allocator settings (MIMALLOC_PURGE_DELAY=0, \
+         MALLOC_ARENA_MAX=2); 3 topics x {PARTITIONS} partitions. The Kafka-engine line maps the flat \
          fields only (18.16's JSONEachRow cannot read `changes`/`metadata`), so it does less work."
     );
     println!();

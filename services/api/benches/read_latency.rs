@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 const DATABASE: &str = "audit_bench_read";
 const EVENTS: u64 = 10_000_000;
-const DATA_VERSION: u32 = 1;
+const DATA_VERSION: u32 = 2;
 const BIG_ORG: &str = "org_big";
 const ITERATIONS: usize = 40;
 const DEPTH: u64 = 100_000;

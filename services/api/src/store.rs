@@ -102,9 +102,15 @@ impl Anchor {
 /// `WHERE` clause text with `?` placeholders, and the values for them in order.
 #[derive(Debug, Clone, Default)]
 struct Condition {
+    /// The table the condition reads (see [`Condition::indexed`]); empty = `audit_events`.
+    table: &'static str,
     sql: String,
     values: Vec<Bound>,
 }
+
+/// Key-only copies of `audit_events` sorted by a filter column first (migration 0004).
+pub const BY_TYPE_TABLE: &str = "audit_events_by_type";
+pub const BY_ACTOR_EMAIL_TABLE: &str = "audit_events_by_actor_email";
 
 impl Condition {
     fn and(&mut self, sql: &str, values: impl IntoIterator<Item = Bound>) {
@@ -145,6 +151,44 @@ impl Condition {
             c.and("resource_id = ?", [v]);
         }
         c
+    }
+
+    /// The same selection as [`Condition::scoped`], on the cheapest table that can answer it
+    /// for keys and counts: a filter on event type or actor email alone (time bounds aside) reads
+    /// its key-only table, where the matching rows of an organization are contiguous.
+    fn indexed(organization_id: &str, filters: &Filters) -> Self {
+        let others = filters.actor_id.is_some()
+            || filters.resource_type.is_some()
+            || filters.resource_id.is_some();
+        let (table, column, value) = match (&filters.actor_email, &filters.event_type) {
+            (Some(email), None) if !others => (BY_ACTOR_EMAIL_TABLE, "actor_email", email),
+            (None, Some(event_type)) if !others => (BY_TYPE_TABLE, "event_type", event_type),
+            _ => return Self::scoped(organization_id, filters),
+        };
+        let mut c = Condition {
+            table,
+            ..Condition::default()
+        };
+        c.and(
+            "organization_id = ?",
+            [Bound::Text(organization_id.to_owned())],
+        );
+        c.and(&format!("{column} = ?"), [Bound::Text(value.clone())]);
+        if let Some(from) = filters.from_ms {
+            c.and("occurred_at_ms >= ?", [Bound::Int(from)]);
+        }
+        if let Some(to) = filters.to_ms {
+            c.and("occurred_at_ms < ?", [Bound::Int(to)]);
+        }
+        c
+    }
+
+    fn table(&self) -> &'static str {
+        if self.table.is_empty() {
+            EVENTS_TABLE
+        } else {
+            self.table
+        }
     }
 
     /// Strictly after the cursor's (time, id) in its sort order. The plain bound on time comes
@@ -255,7 +299,7 @@ impl AuditLogStore {
         &self,
         request: &PageRequest<'_>,
     ) -> Result<Vec<(i64, String)>, ApiError> {
-        let mut condition = Condition::scoped(request.organization_id, request.filters);
+        let mut condition = Condition::indexed(request.organization_id, request.filters);
         let offset = match request.cursor {
             Some(cursor) => {
                 condition.after(cursor);
@@ -273,7 +317,8 @@ impl AuditLogStore {
                 condition.and(anchor.window_sql(), [Bound::Int(bound)]);
             }
             let sql = format!(
-                "SELECT occurred_at_ms, id FROM {EVENTS_TABLE} FINAL WHERE {} {} LIMIT {offset}, {wanted}",
+                "SELECT occurred_at_ms, id FROM {} FINAL WHERE {} {} LIMIT {offset}, {wanted}",
+                condition.table(),
                 condition.sql,
                 Self::order_by(request.sort),
             );
@@ -338,9 +383,10 @@ impl AuditLogStore {
         probe.and(anchor.window_sql(), [inner(widths[2])]);
         let test = anchor.window_sql().replace('?', "{}");
         let sql = format!(
-            "SELECT countIf({}), countIf({}), count() FROM {EVENTS_TABLE} WHERE {}",
+            "SELECT countIf({}), countIf({}), count() FROM {} WHERE {}",
             test.replace("{}", &anchor.bound(widths[0]).to_string()),
             test.replace("{}", &anchor.bound(widths[1]).to_string()),
+            probe.table(),
             probe.sql,
         );
         let started = Instant::now();
@@ -421,11 +467,12 @@ impl AuditLogStore {
         organization_id: &str,
         filters: &Filters,
     ) -> Result<(u64, bool), ApiError> {
-        let condition = Condition::scoped(organization_id, filters);
+        let condition = Condition::indexed(organization_id, filters);
+        let table = condition.table();
         // A distinct count that stops at the limit: exact for small sets, cheap for big ones.
         let distinct = || async {
             let sql = format!(
-                "SELECT count() FROM (SELECT DISTINCT occurred_at_ms, id FROM {EVENTS_TABLE} WHERE {} LIMIT {})",
+                "SELECT count() FROM (SELECT DISTINCT occurred_at_ms, id FROM {table} WHERE {} LIMIT {})",
                 condition.sql,
                 EXACT_TOTAL_LIMIT + 1
             );
@@ -438,7 +485,7 @@ impl AuditLogStore {
             n.map_err(|err| from_clickhouse(&err))
         };
         let stored = || async {
-            let sql = format!("SELECT count() FROM {EVENTS_TABLE} WHERE {}", condition.sql);
+            let sql = format!("SELECT count() FROM {table} WHERE {}", condition.sql);
             let started = Instant::now();
             let n = condition
                 .bind(self.client.query(&sql))

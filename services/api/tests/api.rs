@@ -448,6 +448,20 @@ async fn ties_redeliveries_and_cursors() {
     with_late.extend(ids(&desc));
     assert_eq!(ids(&day), with_late);
     assert_eq!(day["total"], 11);
+    // The same through the key-only tables of event type and actor email.
+    for filter in [
+        "eventType=user.created",
+        "actorEmail=ada.admin%40acme.example",
+    ] {
+        let page = api.page(&key, &format!("{filter}&limit=4")).await;
+        assert_eq!(ids(&page), with_late[..4].to_vec(), "{filter}");
+        assert_eq!(page["total"], 11, "{filter}");
+        let cursor = page["nextCursor"].as_str().unwrap();
+        let next = api
+            .page(&key, &format!("{filter}&limit=4&cursor={cursor}"))
+            .await;
+        assert_eq!(ids(&next), with_late[4..8].to_vec(), "{filter}");
+    }
     let export = api
         .get_path(
             &key,

@@ -35,6 +35,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "create_api_keys",
         sql: include_str!("../../../schemas/clickhouse/0003_create_api_keys.sql"),
     },
+    Migration {
+        version: 4,
+        name: "create_filter_indexes",
+        sql: include_str!("../../../schemas/clickhouse/0004_create_filter_indexes.sql"),
+    },
 ];
 
 const RECORD_TABLE: &str = "schema_migrations";

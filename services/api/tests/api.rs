@@ -1131,3 +1131,41 @@ async fn narrowed_pages_equal_full_sorts() {
     }
     api.stop().await;
 }
+
+/// SIGTERM (the shutdown token) stops new requests but lets a CSV stream already under way finish.
+#[tokio::test]
+async fn shutdown_lets_a_running_export_finish() {
+    let api = TestApi::spawn_with("shutdown", |config| config.shutdown_timeout_ms = 20_000).await;
+    let key = api.key("org_a", Role::Admin).await;
+    api.client()
+        .query(
+            "INSERT INTO audit_events SELECT 'org_a', 1735689600000 + number, concat('e', toString(number)), \
+             'user.created', 'usr_admin', 'user', NULL, NULL, 'user', 'u', NULL, NULL, NULL, '[]', \
+             NULL, NULL, NULL, NULL, NULL, 't', 0, number, 1 FROM system.numbers LIMIT 200000",
+        )
+        .execute()
+        .await
+        .unwrap();
+    let mut response = api
+        .http
+        .get(api.url("/api/v1/organization/audit-logs/export", "format=csv"))
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let first = response.chunk().await.unwrap().unwrap();
+    api.shutdown.cancel();
+    let mut lines = first.iter().filter(|b| **b == b'\n').count();
+    while let Some(chunk) = response.chunk().await.unwrap() {
+        lines += chunk.iter().filter(|b| **b == b'\n').count();
+    }
+    assert_eq!(
+        lines, 200_001,
+        "the stream under way completes after the shutdown began"
+    );
+    // New connections are refused once the server has stopped.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(api.http.get(api.url("/healthz", "")).send().await.is_err());
+    api.stop().await;
+}

@@ -8,6 +8,8 @@ apt_install() {
   command -v clickhouse-server >/dev/null || missing+=(clickhouse-server)
   command -v clickhouse-client >/dev/null || missing+=(clickhouse-client)
   command -v kcat >/dev/null || missing+=(kcat)
+  # The API fuzzer and the deploy checks install their PyPI tools into virtual environments.
+  python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
   (( ${#missing[@]} == 0 )) && return 0
   log "installing ${missing[*]} with apt-get"
   local sudo=""

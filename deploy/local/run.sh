@@ -65,15 +65,16 @@ DEMO_KEY="$(target/debug/audit-api keys create --org org_demo --role admin --nam
 printf '%s\n' "$DEMO_KEY" >"$SERVICES_DIR/demo-api-key"
 chmod 600 "$SERVICES_DIR/demo-api-key"
 
-# A fixed seed and run id: running `make run` again republishes the same events, which the
-# ingest de-duplicates, so the demo data does not grow.
+# A fixed seed and a run id per UTC day: running `make run` again the same day republishes the
+# very same events (ids and times), which the ingest de-duplicates; another day adds 400 more.
+DEMO_RUN="demo-$(date -u +%Y%m%d)"
 log "publishing demo events through Kafka"
 target/debug/audit-loadgen --brokers "127.0.0.1:$AUDIT_KAFKA_PORT" --count 400 --spread-days 7 \
-  --orgs org_demo,org_acme --seed 7 --run-id demo
+  --orgs org_demo,org_acme --seed 7 --run-id "$DEMO_RUN"
 
 count() {
   curl -fs "http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT/?database=audit" \
-    --data-binary "SELECT count() FROM audit_events FINAL WHERE id LIKE 'evt_demo_%'"
+    --data-binary "SELECT count() FROM audit_events FINAL WHERE id LIKE 'evt_${DEMO_RUN}_%'"
 }
 demo_arrived() { [[ "$(count)" -ge 400 ]]; }
 wait_until 60 "demo data" demo_arrived || log "demo events still arriving ($(count) of 400)"
@@ -85,7 +86,7 @@ cat <<MSG
     Kafka         127.0.0.1:$AUDIT_KAFKA_PORT
     audit-ingest  http://127.0.0.1:$INGEST_PORT/metrics  (log: $SERVICES_DIR/ingest.log)
 
-  $(count) demo events were published through Kafka and ingested. Read them through the API
+  $(count) demo events (run $DEMO_RUN) were published through Kafka and ingested. Read them through the API
   (admin key of org_demo, also in $SERVICES_DIR/demo-api-key):
 
     export KEY='$DEMO_KEY'

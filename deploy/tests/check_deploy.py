@@ -107,7 +107,7 @@ def check_compose():
     local_topics = re.findall(r"(identity\.\w+\.v1|audit\.\w+\.v1):(\d+)", common)
     check(set(topics) == set(local_topics), f"compose topics {topics} differ from make up's {local_topics}")
     demo = " ".join(services["demo-producer"]["command"])
-    for flag in ["--count 400", "--spread-days 7", "--orgs org_demo,org_acme", "--seed 7", "--run-id demo"]:
+    for flag in ["--count 400", "--spread-days 7", "--orgs org_demo,org_acme", "--seed 7"]:
         check(flag in demo and flag in run_sh.replace("\\\n", " ").replace("  ", " "), f"demo producer: {flag} differs from make run")
     ingest_topics = services["ingest"]["environment"]["AUDIT_INGEST__KAFKA__TOPICS"]
     check(ingest_topics in run_sh, "compose ingest topics differ from make run")

@@ -47,7 +47,8 @@ struct Args {
     spread_days: u32,
     #[arg(long, default_value_t = 42)]
     seed: u64,
-    /// Makes event ids unique per run (default: the current time).
+    /// Makes event ids unique per run (default: the current time). With --spread-days, a given
+    /// run id also fixes the times (the spread ends at today's UTC midnight).
     #[arg(long)]
     run_id: Option<String>,
 }
@@ -101,7 +102,17 @@ fn run(args: Args) -> anyhow::Result<()> {
         .unwrap_or_else(|| Utc::now().format("%Y%m%d%H%M%S").to_string());
     let mut generator = EventGenerator::new(args.seed, &args.orgs, &run_id);
     let spread = chrono::Duration::days(i64::from(args.spread_days));
-    let started_at = Utc::now();
+    // With a fixed run id, spread events end at today's UTC midnight: publishing the same run
+    // again the same day produces the very same events (same ids and times), which the ingest
+    // collapses. A different occurredAt under the same id would be a different row.
+    let started_at = match (&args.run_id, args.spread_days) {
+        (Some(_), 1..) => Utc::now()
+            .date_naive()
+            .and_hms_opt(0, 0, 0)
+            .map(|midnight| midnight.and_utc())
+            .unwrap_or_else(Utc::now),
+        _ => Utc::now(),
+    };
     let started = Instant::now();
 
     for sent in 0..args.count {

@@ -25,6 +25,9 @@ use crate::error::ApiError;
 pub const KEYS_TABLE: &str = "api_keys";
 pub const USAGE_TABLE: &str = "api_key_usage";
 const PREFIX: &str = "alk_";
+/// The columns of [`ApiKeyRow`], in order.
+const KEY_COLUMNS: &str =
+    "key_id, organization_id, role, name, secret_sha256, created_at_ms, revoked_at_ms, version";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -142,8 +145,7 @@ pub async fn load(
     client: &clickhouse::Client,
     organization_id: Option<&str>,
 ) -> Result<Vec<ApiKeyRow>, clickhouse::error::Error> {
-    let columns =
-        "key_id, organization_id, role, name, secret_sha256, created_at_ms, revoked_at_ms, version";
+    let columns = KEY_COLUMNS;
     // FINAL keeps the highest version per key even before the background merge.
     match organization_id {
         Some(org) => {
@@ -191,8 +193,7 @@ pub enum RevokeError {
 
 /// Marks a key revoked by writing a newer version of its row.
 pub async fn revoke(client: &clickhouse::Client, key_id: &str) -> Result<ApiKeyRow, RevokeError> {
-    let columns =
-        "key_id, organization_id, role, name, secret_sha256, created_at_ms, revoked_at_ms, version";
+    let columns = KEY_COLUMNS;
     let current: Option<ApiKeyRow> = client
         .query(&format!(
             "SELECT {columns} FROM {KEYS_TABLE} FINAL WHERE key_id = ?"

@@ -39,6 +39,16 @@ pub enum PageFormat {
     Csv,
 }
 
+impl PageFormat {
+    /// The `format` value, also the metrics and read-event label.
+    pub fn label(self) -> &'static str {
+        match self {
+            PageFormat::Json => "json",
+            PageFormat::Csv => "csv",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExportFormat {
     Csv,
@@ -112,7 +122,7 @@ impl Filters {
         self.actor_id.is_some()
             || self.actor_email.is_some()
             || self.resource_id.is_some()
-            || self.spans_at_most(86_400_000)
+            || self.spans_at_most(crate::store::DAY_MS)
     }
 
     /// True when `from` and `to` are both given and at most `ms` apart.

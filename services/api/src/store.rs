@@ -62,7 +62,7 @@ impl serde::Serialize for TupleOf<'_> {
 }
 
 const HOUR_MS: i64 = 3_600_000;
-const DAY_MS: i64 = 24 * HOUR_MS;
+pub(crate) const DAY_MS: i64 = 24 * HOUR_MS;
 
 /// Up to this many stored rows, `total` is an exact count of distinct events.
 pub const EXACT_TOTAL_LIMIT: u64 = 100_000;
@@ -393,14 +393,20 @@ impl AuditLogStore {
         anchor: Anchor,
         widths: [i64; 3],
     ) -> Result<[(i64, u64); 3], ApiError> {
-        let mut probe = condition.clone();
-        let inner = |w: i64| Bound::Int(anchor.bound(w));
-        probe.and(anchor.window_sql(), [inner(widths[2])]);
-        let test = anchor.window_sql().replace('?', "{}");
+        // Bound values in text order: the two inner widths of the countIf()s, then the WHERE.
+        let window = anchor.window_sql();
+        let mut probe = Condition {
+            table: condition.table,
+            sql: condition.sql.clone(),
+            values: vec![
+                Bound::Int(anchor.bound(widths[0])),
+                Bound::Int(anchor.bound(widths[1])),
+            ],
+        };
+        probe.values.extend(condition.values.iter().cloned());
+        probe.and(window, [Bound::Int(anchor.bound(widths[2]))]);
         let sql = format!(
-            "SELECT countIf({}), countIf({}), count() FROM {} WHERE {}",
-            test.replace("{}", &anchor.bound(widths[0]).to_string()),
-            test.replace("{}", &anchor.bound(widths[1]).to_string()),
+            "SELECT countIf({window}), countIf({window}), count() FROM {} WHERE {}",
             probe.table(),
             probe.sql,
         );

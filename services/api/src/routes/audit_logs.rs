@@ -10,7 +10,6 @@ use serde::Serialize;
 use crate::auth::AdminCaller;
 use crate::error::{from_clickhouse, ApiError};
 use crate::query::{compact_timestamp, AuditLogQuery, Cursor, Filters, PageFormat};
-use crate::read_events::ReadFacts;
 use crate::render::EventItem;
 use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
 use crate::store::PageRequest;
@@ -75,9 +74,7 @@ pub async fn list(
                 next_cursor: if more { next_cursor(last) } else { None },
                 items: rows.into_iter().map(EventItem::from).collect(),
             };
-            let mut response = Json(body).into_response();
-            response.extensions_mut().insert(ResponseFormat("json"));
-            (response, total, exact)
+            (Json(body).into_response(), total, exact)
         }
         PageFormat::Csv => {
             let (mut keys, (total, exact)) = tokio::try_join!(
@@ -111,9 +108,7 @@ pub async fn list(
             if let Some(cursor) = cursor_header.and_then(|c| HeaderValue::from_str(&c).ok()) {
                 headers.insert("x-next-cursor", cursor);
             }
-            let mut response = (headers, body).into_response();
-            response.extensions_mut().insert(ResponseFormat("csv"));
-            (response, total, exact)
+            ((headers, body).into_response(), total, exact)
         }
     };
     let headers = response.headers_mut();
@@ -123,15 +118,16 @@ pub async fn list(
         HeaderValue::from_static(if exact { "true" } else { "false" }),
     );
     freshness_headers(&state, response.headers_mut());
-    let format = match query.format {
-        PageFormat::Json => "json",
-        PageFormat::Csv => "csv",
-    };
-    state.read_events.publish(&ReadFacts {
-        event_type: "audit_log.viewed",
-        format,
-        ..read_facts(&caller, &query.filters, &request)
-    });
+    response
+        .extensions_mut()
+        .insert(ResponseFormat(query.format.label()));
+    state.read_events.publish(&read_facts(
+        &caller,
+        &query.filters,
+        &request,
+        "audit_log.viewed",
+        query.format.label(),
+    ));
     Ok(response)
 }
 

@@ -8,7 +8,6 @@ use axum::response::{IntoResponse, Response};
 use crate::auth::AdminCaller;
 use crate::error::{from_clickhouse, ApiError};
 use crate::query::{ExportFormat, ExportQuery};
-use crate::read_events::ReadFacts;
 use crate::routes::audit_logs::attachment;
 use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
 use crate::stream::{self, BodyFormat};
@@ -48,10 +47,12 @@ pub async fn export(
     response
         .extensions_mut()
         .insert(ResponseFormat(format.label()));
-    state.read_events.publish(&ReadFacts {
-        event_type: "audit_log.exported",
-        format: format.label(),
-        ..read_facts(&caller, &query.filters, &request)
-    });
+    state.read_events.publish(&read_facts(
+        &caller,
+        &query.filters,
+        &request,
+        "audit_log.exported",
+        format.label(),
+    ));
     Ok(response)
 }

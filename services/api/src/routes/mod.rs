@@ -93,16 +93,18 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestInfo {
     }
 }
 
-/// The read event of a request, before its type and format are known.
+/// The read event of a request: `audit_log.viewed` or `audit_log.exported`, in `format`.
 pub fn read_facts<'a>(
     caller: &'a Caller,
     filters: &'a Filters,
     request: &'a RequestInfo,
+    event_type: &'static str,
+    format: &'static str,
 ) -> ReadFacts<'a> {
     ReadFacts {
         caller,
-        event_type: "audit_log.viewed",
-        format: "json",
+        event_type,
+        format,
         filters,
         request_id: &request.request_id,
         ip: request.ip.clone(),

@@ -46,15 +46,11 @@ impl ReadEventPublisher {
                 .set("enable.idempotence", "true")
                 .set("linger.ms", "20")
                 .set("message.timeout.ms", "60000");
-            for (key, value) in &config.properties {
-                client.set(key, value);
-            }
-            if let Some(password) = &config.sasl_password {
-                client.set(
-                    "sasl.password",
-                    secrecy::ExposeSecret::expose_secret(password),
-                );
-            }
+            audit_runtime::kafka::apply_operator_settings(
+                &mut client,
+                &config.properties,
+                config.sasl_password.as_ref(),
+            );
             Some(client.create()?)
         } else {
             None

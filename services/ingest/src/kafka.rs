@@ -120,15 +120,11 @@ fn client_config(
     for (key, value) in defaults {
         client.set(*key, *value);
     }
-    for (key, value) in &config.properties {
-        client.set(key, value);
-    }
-    if let Some(password) = &config.sasl_password {
-        client.set(
-            "sasl.password",
-            secrecy::ExposeSecret::expose_secret(password),
-        );
-    }
+    audit_runtime::kafka::apply_operator_settings(
+        &mut client,
+        &config.properties,
+        config.sasl_password.as_ref(),
+    );
     for (key, value) in managed {
         client.set(*key, *value);
     }

@@ -1,6 +1,7 @@
 //! Process plumbing both services share: telemetry set-up, layered configuration
 //! (defaults, then an optional file, then environment) and shutdown signals.
 
+pub mod kafka;
 pub mod metrics;
 pub mod settings;
 pub mod shutdown;

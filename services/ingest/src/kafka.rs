@@ -146,13 +146,18 @@ pub fn consumer(
             ("statistics.interval.ms", "5000"),
             ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "1000"),
-            // Bounded prefetch: memory stays flat while ClickHouse is slow or down.
-            ("queued.max.messages.kbytes", "16384"),
-            ("queued.min.messages", "20000"),
-            ("fetch.max.bytes", "16777216"),
-            // Per partition and request; at 1 MiB (the default) a backlog on few partitions
-            // drains at half speed.
-            ("fetch.message.max.bytes", "4194304"),
+            // Small prefetch, refilled often. librdkafka keeps a whole decompressed producer
+            // batch alive while any of its messages waits in the queue, and one fetch response
+            // lands in the queue in full before the thresholds are checked, so the fetch sizes
+            // bound memory as much as the queue thresholds do. With the default 1 s back-off
+            // once the queue is full, a small queue would run dry between fetches; at 5 ms it
+            // does not. Measured on 1M backlogged events (18 partitions or 3): peak RSS 96-99 MB
+            // instead of 207-234 MB with 16 MiB fetches, and 25-30% faster.
+            ("queued.max.messages.kbytes", "4096"),
+            ("queued.min.messages", "5000"),
+            ("fetch.queue.backoff.ms", "5"),
+            ("fetch.max.bytes", "2097152"),
+            ("fetch.message.max.bytes", "524288"),
         ],
         &[
             ("group.id", group_id),

@@ -295,6 +295,25 @@ impl AuditLogStore {
         result.map_err(|err| from_clickhouse(&err))
     }
 
+    /// [`Self::fetch_all`] for a statement that returns exactly one row.
+    async fn fetch_one<T>(
+        &self,
+        kind: &str,
+        condition: &Condition,
+        sql: &str,
+    ) -> Result<T, ApiError>
+    where
+        T: clickhouse::RowOwned + clickhouse::RowRead,
+    {
+        let started = Instant::now();
+        let result = condition
+            .bind(self.client.query(sql))
+            .fetch_one::<T>()
+            .await;
+        self.metrics.observe_query(kind, started);
+        result.map_err(|err| from_clickhouse(&err))
+    }
+
     /// Up to `limit + 1` events of the page, in order: their keys first (see
     /// [`Self::page_keys`]), then their rows. Even for a one-day range this beats one `FINAL`
     /// query over full rows (3 + 3 ms against 13 ms for 14,000 rows on the benchmark data).
@@ -410,13 +429,7 @@ impl AuditLogStore {
             probe.table(),
             probe.sql,
         );
-        let started = Instant::now();
-        let result = probe
-            .bind(self.client.query(&sql))
-            .fetch_one::<(u64, u64, u64)>()
-            .await;
-        self.metrics.observe_query("window_probe", started);
-        let (a, b, c) = result.map_err(|err| from_clickhouse(&err))?;
+        let (a, b, c): (u64, u64, u64) = self.fetch_one("window_probe", &probe, &sql).await?;
         Ok([(widths[0], a), (widths[1], b), (widths[2], c)])
     }
 
@@ -493,30 +506,14 @@ impl AuditLogStore {
         let condition = Condition::indexed(organization_id, filters);
         let table = condition.table();
         // A distinct count that stops at the limit: exact for small sets, cheap for big ones.
-        let distinct = || async {
-            let sql = format!(
-                "SELECT count() FROM (SELECT DISTINCT occurred_at_ms, id FROM {table} WHERE {} LIMIT {})",
-                condition.sql,
-                EXACT_TOTAL_LIMIT + 1
-            );
-            let started = Instant::now();
-            let n = condition
-                .bind(self.client.query(&sql))
-                .fetch_one::<u64>()
-                .await;
-            self.metrics.observe_query("count_distinct", started);
-            n.map_err(|err| from_clickhouse(&err))
-        };
-        let stored = || async {
-            let sql = format!("SELECT count() FROM {table} WHERE {}", condition.sql);
-            let started = Instant::now();
-            let n = condition
-                .bind(self.client.query(&sql))
-                .fetch_one::<u64>()
-                .await;
-            self.metrics.observe_query("count", started);
-            n.map_err(|err| from_clickhouse(&err))
-        };
+        let distinct_sql = format!(
+            "SELECT count() FROM (SELECT DISTINCT occurred_at_ms, id FROM {table} WHERE {} LIMIT {})",
+            condition.sql,
+            EXACT_TOTAL_LIMIT + 1
+        );
+        let stored_sql = format!("SELECT count() FROM {table} WHERE {}", condition.sql);
+        let distinct = || self.fetch_one::<u64>("count_distinct", &condition, &distinct_sql);
+        let stored = || self.fetch_one::<u64>("count", &condition, &stored_sql);
         if filters.is_selective() {
             // Likely a small set: one scan settles it.
             let n = distinct().await?;

@@ -217,7 +217,7 @@ impl IngestConfig {
             || self.batch.max_in_flight == 0
         {
             return invalid(
-                "batch.max_rows, batch.max_bytes and batch.max_age_ms must be > 0".to_owned(),
+                "batch.max_rows, batch.max_bytes, batch.max_age_ms and batch.max_in_flight must be > 0".to_owned(),
             );
         }
         if !(self.dead_letter.max_invalid_ratio > 0.0 && self.dead_letter.max_invalid_ratio <= 1.0)

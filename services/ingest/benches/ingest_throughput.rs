@@ -528,16 +528,16 @@ async fn main() {
             "| reference: ClickHouse Kafka engine + MV | {EVENTS} | did not finish in 600 s | - | - | - |"
         ),
     }
+    row(
+        "reference: INSERT FORMAT RowBinary from file (ceiling)",
+        &ceiling,
+    );
     if engine_unfinished > 0 && engine.is_some() {
         println!();
         println!(
             "({engine_unfinished} Kafka-engine round(s) did not finish in 600 s and are left out.)"
         );
     }
-    row(
-        "reference: INSERT FORMAT RowBinary from file (ceiling)",
-        &ceiling,
-    );
     println!();
     println!(
         "| freshness at {FRESHNESS_RATE} events/s ({} events) | p50 | p99 | max |",

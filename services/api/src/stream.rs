@@ -11,6 +11,7 @@ use tracing::error;
 
 use audit_store::clickhouse::query::RowCursor;
 
+use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
 use crate::render::{write_csv_row, EventItem, CSV_HEADER};
 use crate::store::EventRecord;
@@ -24,6 +25,7 @@ pub enum BodyFormat {
 }
 
 impl BodyFormat {
+    /// The metrics label, which is also the file extension.
     pub fn label(self) -> &'static str {
         match self {
             BodyFormat::Csv => "csv",
@@ -103,9 +105,25 @@ impl Encoder {
     }
 }
 
-/// The body for `cursor` (None: no rows), whose first row (already read, to surface early errors as a proper
-/// status) is `first`.
-pub fn body(
+/// The body for `cursor` (None: no rows). Its first row is read here, before the head is sent,
+/// so that a query that fails at once gets its proper error status instead of a broken 200.
+pub async fn start(
+    cursor: Option<RowCursor<EventRecord>>,
+    format: BodyFormat,
+    metrics: ApiMetrics,
+) -> Result<Body, ApiError> {
+    let (cursor, first) = match cursor {
+        Some(mut cursor) => {
+            let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
+            (Some(cursor), first)
+        }
+        None => (None, None),
+    };
+    Ok(body(cursor, first, format, metrics))
+}
+
+/// The body for `cursor`, whose first row (already read) is `first`.
+fn body(
     cursor: Option<RowCursor<EventRecord>>,
     first: Option<EventRecord>,
     format: BodyFormat,

@@ -8,7 +8,7 @@ use axum::Json;
 use serde::Serialize;
 
 use crate::auth::AdminCaller;
-use crate::error::{from_clickhouse, ApiError};
+use crate::error::ApiError;
 use crate::query::{compact_timestamp, AuditLogQuery, Cursor, Filters, PageFormat};
 use crate::render::EventItem;
 use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
@@ -88,23 +88,9 @@ pub async fn list(
             } else {
                 None
             };
-            let (cursor, first) = match state.store.page_rows_cursor(org, query.sort, &keys)? {
-                Some(mut cursor) => {
-                    let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
-                    (Some(cursor), first)
-                }
-                None => (None, None),
-            };
-            let body = stream::body(cursor, first, BodyFormat::Csv, state.metrics.clone());
-            let mut headers = HeaderMap::new();
-            headers.insert(
-                header::CONTENT_TYPE,
-                HeaderValue::from_static(BodyFormat::Csv.content_type()),
-            );
-            headers.insert(
-                header::CONTENT_DISPOSITION,
-                attachment(&query.filters, "csv"),
-            );
+            let cursor = state.store.page_rows_cursor(org, query.sort, &keys)?;
+            let body = stream::start(cursor, BodyFormat::Csv, state.metrics.clone()).await?;
+            let mut headers = download_headers(&query.filters, BodyFormat::Csv);
             if let Some(cursor) = cursor_header.and_then(|c| HeaderValue::from_str(&c).ok()) {
                 headers.insert("x-next-cursor", cursor);
             }
@@ -131,8 +117,22 @@ pub async fn list(
     Ok(response)
 }
 
-/// `attachment; filename="audit-logs-<from>-<to>.<ext>"`; an open end reads `start` / `now`.
-pub fn attachment(filters: &Filters, extension: &str) -> HeaderValue {
+/// `Content-Type` of `format` and `Content-Disposition: attachment;
+/// filename="audit-logs-<from>-<to>.<ext>"`; an open end reads `start` / `now`.
+pub fn download_headers(filters: &Filters, format: BodyFormat) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(format.content_type()),
+    );
+    headers.insert(
+        header::CONTENT_DISPOSITION,
+        attachment(filters, format.label()),
+    );
+    headers
+}
+
+fn attachment(filters: &Filters, extension: &str) -> HeaderValue {
     let from = filters
         .from_ms
         .map(compact_timestamp)

@@ -2,13 +2,12 @@
 //! with constant memory and no row limit.
 
 use axum::extract::{RawQuery, State};
-use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::AdminCaller;
-use crate::error::{from_clickhouse, ApiError};
+use crate::error::ApiError;
 use crate::query::{ExportFormat, ExportQuery};
-use crate::routes::audit_logs::attachment;
+use crate::routes::audit_logs::download_headers;
 use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
 use crate::stream::{self, BodyFormat};
 use crate::AppState;
@@ -24,25 +23,12 @@ pub async fn export(
         ExportFormat::Csv => BodyFormat::Csv,
         ExportFormat::Ndjson => BodyFormat::Ndjson,
     };
-    let mut cursor = state
+    let cursor = state
         .store
         .export(&caller.organization_id, &query.filters, query.sort)?;
-    let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
-    let mut headers = HeaderMap::new();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static(format.content_type()),
-    );
-    let extension = match format {
-        BodyFormat::Csv => "csv",
-        BodyFormat::Ndjson => "ndjson",
-    };
-    headers.insert(
-        header::CONTENT_DISPOSITION,
-        attachment(&query.filters, extension),
-    );
+    let body = stream::start(Some(cursor), format, state.metrics.clone()).await?;
+    let mut headers = download_headers(&query.filters, format);
     freshness_headers(&state, &mut headers);
-    let body = stream::body(Some(cursor), first, format, state.metrics.clone());
     let mut response = (headers, body).into_response();
     response
         .extensions_mut()

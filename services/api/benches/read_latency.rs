@@ -7,7 +7,6 @@
 //! The data set is generated once into the `audit_bench_read` database and regenerated when it
 //! is more than a day old (pages are anchored at "now", as live audit logs are).
 
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -15,6 +14,7 @@ use audit_api::keys::{self, Role};
 use audit_api::query::{Cursor, Filters, SortOrder};
 use audit_store::clickhouse::{self, Row};
 use audit_store::{migrations, ClickHouseConfig};
+use audit_testkit::{clickhouse_url, percentile, release_binary};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
@@ -25,11 +25,6 @@ const BIG_ORG: &str = "org_big";
 const ITERATIONS: usize = 40;
 const DEPTH: u64 = 100_000;
 const EXPORT_ROWS_TARGET: u64 = 1_000_000;
-
-fn clickhouse_url() -> String {
-    std::env::var("AUDIT_TEST_CLICKHOUSE_URL")
-        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
-}
 
 fn config() -> ClickHouseConfig {
     ClickHouseConfig {
@@ -68,10 +63,7 @@ async fn ensure_data(client: &clickhouse::Client) -> i64 {
         }
     }
     eprintln!("bench: generating {EVENTS} events into {DATABASE} (about a minute)");
-    let server = config().server_client();
-    server
-        .query(&format!("DROP DATABASE IF EXISTS {DATABASE}"))
-        .execute()
+    audit_testkit::drop_database(&config(), DATABASE)
         .await
         .unwrap();
     migrations::apply(&config()).await.unwrap();
@@ -121,18 +113,6 @@ async fn ensure_data(client: &clickhouse::Client) -> i64 {
     now
 }
 
-fn release_binary(name: &str) -> std::path::PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/release")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --release --bins` first",
-        path.display()
-    );
-    path
-}
-
 struct Api {
     child: Child,
     base: String,
@@ -168,14 +148,8 @@ impl Api {
     }
 
     fn peak_rss_mb(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap();
-        kb / 1024.0
+        let kb = audit_testkit::proc_status_kb(self.child.id(), "VmHWM").expect("audit-api runs");
+        kb as f64 / 1024.0
     }
 }
 
@@ -184,11 +158,6 @@ impl Drop for Api {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let index = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[index.min(sorted.len() - 1)]
 }
 
 /// p50 and p99 in milliseconds of `ITERATIONS` runs after two warm-ups.

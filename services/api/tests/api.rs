@@ -10,14 +10,10 @@ use audit_api::keys::{self, Role};
 use audit_api::Application;
 use audit_store::clickhouse;
 use audit_store::{AuditEventRow, ClickHouseConfig};
+use audit_testkit::clickhouse_url;
 use reqwest::StatusCode;
 use secrecy::ExposeSecret;
 use serde_json::Value;
-
-fn clickhouse_url() -> String {
-    std::env::var("AUDIT_TEST_CLICKHOUSE_URL")
-        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
-}
 
 const BASE_MS: i64 = 1_735_689_600_000; // 2025-01-01T00:00:00Z
 
@@ -148,15 +144,7 @@ impl TestApi {
         if let Some(server) = self.server.take() {
             let _ = server.await;
         }
-        let _ = self
-            .clickhouse
-            .server_client()
-            .query(&format!(
-                "DROP DATABASE IF EXISTS {}",
-                self.clickhouse.database
-            ))
-            .execute()
-            .await;
+        let _ = audit_testkit::drop_database(&self.clickhouse, &self.clickhouse.database).await;
     }
 }
 
@@ -886,15 +874,9 @@ async fn freshness_and_request_ids_come_with_every_answer() {
     api.stop().await;
 }
 
-/// Peak resident memory of a process, from /proc (kB).
+/// Peak resident memory of a live process (kB).
 fn peak_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find(|l| l.starts_with("VmHWM:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap()
+    audit_testkit::proc_status_kb(pid, "VmHWM").expect("the process is running")
 }
 
 /// The real binary streams a 1,000,000-row CSV export with flat memory: the body is produced as

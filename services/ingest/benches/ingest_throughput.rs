@@ -9,12 +9,12 @@
 //!      Lines 1-3 run in `BENCH_ROUNDS` (default 3) interleaved rounds; medians are compared.
 //!   4. Freshness at a fixed 5,000 events/s: produce -> visible, p50 / p99 / max.
 
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use audit_store::clickhouse::{self, Row};
 use audit_store::{migrations, ClickHouseConfig};
+use audit_testkit::{brokers, clickhouse_url, percentile, release_binary};
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::config::ClientConfig;
@@ -26,30 +26,6 @@ const EVENTS: u64 = 1_000_000;
 const PARTITIONS: i32 = 6;
 const FRESHNESS_RATE: u64 = 5_000;
 const FRESHNESS_SECONDS: u64 = 30;
-
-fn env_or(name: &str, default: &str) -> String {
-    std::env::var(name).unwrap_or_else(|_| default.to_owned())
-}
-
-fn brokers() -> String {
-    env_or("AUDIT_TEST_KAFKA_BROKERS", "127.0.0.1:19092")
-}
-
-fn clickhouse_url() -> String {
-    env_or("AUDIT_TEST_CLICKHOUSE_URL", "http://127.0.0.1:18123")
-}
-
-fn release_binary(name: &str) -> PathBuf {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../../target/release")
-        .join(name);
-    assert!(
-        path.exists(),
-        "{} missing: run `cargo build --release --bins` first",
-        path.display()
-    );
-    path
-}
 
 struct Topics {
     users: String,
@@ -149,16 +125,9 @@ fn spawn_ingest(topics: &Topics, prefix: &str, database: &str, group: &str) -> C
         .expect("audit-ingest")
 }
 
+/// Resident memory of a running process (0 once it is gone).
 fn rss_mb(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1))
-                .and_then(|kb| kb.parse::<f64>().ok())
-        })
-        .map_or(0.0, |kb| kb / 1024.0)
+    audit_testkit::proc_status_kb(pid, "VmRSS").map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 struct Throughput {
@@ -368,13 +337,6 @@ async fn freshness(suffix: &str) -> (Vec<f64>, f64) {
     (latencies, peak)
 }
 
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
-}
-
 /// Median and range of one line's rates over the rounds.
 struct Line {
     median: f64,
@@ -402,7 +364,11 @@ impl Line {
 /// runs on a small machine (merges, disk writeback), so each line is run several times and the
 /// medians are compared.
 fn rounds() -> usize {
-    env_or("BENCH_ROUNDS", "3").parse().unwrap_or(3).max(1)
+    std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(3usize)
+        .max(1)
 }
 
 #[tokio::main]
@@ -416,18 +382,15 @@ async fn main() {
         .unwrap();
     assert!(fill.status.success(), "loadgen failed");
     let fill_line = String::from_utf8_lossy(&fill.stdout).trim().to_owned();
-    let server = ClickHouseConfig {
+    let stack = ClickHouseConfig {
         url: clickhouse_url(),
         ..ClickHouseConfig::default()
-    }
-    .server_client();
+    };
+    let server = stack.server_client();
     let drop_database = |db: String| {
-        let server = server.clone();
+        let stack = stack.clone();
         async move {
-            let _ = server
-                .query(&format!("DROP DATABASE IF EXISTS {db}"))
-                .execute()
-                .await;
+            let _ = audit_testkit::drop_database(&stack, &db).await;
         }
     };
 
@@ -495,7 +458,7 @@ async fn main() {
     println!(
         "machine: {} cores; ClickHouse {} and Kafka 4.1 on loopback (make up); pre-fill: {fill_line}",
         num_cpus(),
-        server_version().await
+        server_version(&server).await
     );
     println!(
         "audit-ingest: release build, default settings except clickhouse.compression=none \
@@ -605,14 +568,10 @@ fn num_cpus() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
-async fn server_version() -> String {
-    ClickHouseConfig {
-        url: clickhouse_url(),
-        ..ClickHouseConfig::default()
-    }
-    .server_client()
-    .query("SELECT version()")
-    .fetch_one::<String>()
-    .await
-    .unwrap_or_else(|_| "?".to_owned())
+async fn server_version(server: &clickhouse::Client) -> String {
+    server
+        .query("SELECT version()")
+        .fetch_one::<String>()
+        .await
+        .unwrap_or_else(|_| "?".to_owned())
 }

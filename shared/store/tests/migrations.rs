@@ -8,18 +8,14 @@ use audit_store::{AuditEventRow, ClickHouseConfig, Lineage, StoreError, EVENTS_T
 
 fn fresh_config() -> ClickHouseConfig {
     ClickHouseConfig {
-        url: std::env::var("AUDIT_TEST_CLICKHOUSE_URL")
-            .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned()),
+        url: audit_testkit::clickhouse_url(),
         database: format!("audit_test_{}", uuid::Uuid::new_v4().simple()),
         ..ClickHouseConfig::default()
     }
 }
 
 async fn drop_database(config: &ClickHouseConfig) {
-    config
-        .server_client()
-        .query(&format!("DROP DATABASE IF EXISTS {}", config.database))
-        .execute()
+    audit_testkit::drop_database(config, &config.database)
         .await
         .expect("drop test database");
 }

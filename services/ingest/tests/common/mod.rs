@@ -18,14 +18,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
-pub fn brokers() -> String {
-    std::env::var("AUDIT_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
-}
-
-pub fn clickhouse_url() -> String {
-    std::env::var("AUDIT_TEST_CLICKHOUSE_URL")
-        .unwrap_or_else(|_| "http://127.0.0.1:18123".to_owned())
-}
+pub use audit_testkit::{brokers, clickhouse_url};
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -172,15 +165,7 @@ impl TestEnv {
     }
 
     pub async fn drop_database(&self) {
-        let _ = self
-            .clickhouse
-            .server_client()
-            .query(&format!(
-                "DROP DATABASE IF EXISTS {}",
-                self.clickhouse.database
-            ))
-            .execute()
-            .await;
+        let _ = audit_testkit::drop_database(&self.clickhouse, &self.clickhouse.database).await;
     }
 }
 

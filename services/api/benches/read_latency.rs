@@ -213,6 +213,27 @@ struct Case {
     reference_offset: u64,
 }
 
+const LIVE_BATCH: u64 = 100;
+const LIVE_EVERY_MS: u64 = 200;
+
+/// Inserts `LIVE_BATCH` events of `org_live`, dated now, every `LIVE_EVERY_MS` until aborted.
+async fn insert_live_events(client: clickhouse::Client) {
+    let mut every = tokio::time::interval(Duration::from_millis(LIVE_EVERY_MS));
+    loop {
+        every.tick().await;
+        let now = chrono::Utc::now().timestamp_millis();
+        let sql = format!(
+            "INSERT INTO audit_events (organization_id, occurred_at_ms, id, event_type, actor_id, \
+             actor_type, resource_type, resource_id, changes, source_topic, source_partition, \
+             source_offset, ingested_at_ms) \
+             SELECT 'org_live', {now} + number, concat('live_', toString({now}), '_', toString(number)), \
+             'user.created', 'usr_1', 'user', 'user', 'usr_2', '[]', 'identity.users.v1', 0, number, {now} \
+             FROM system.numbers LIMIT {LIVE_BATCH}"
+        );
+        client.query(&sql).execute().await.unwrap();
+    }
+}
+
 fn iso(ms: i64) -> String {
     audit_api::query::format_timestamp(ms)
 }
@@ -312,17 +333,30 @@ async fn main() {
         .await;
         rows.push((case.name.to_owned(), ours, reference));
     }
-    eprintln!("bench: total alone");
-    let store = audit_api::store::AuditLogStore::new(
-        client.clone(),
-        30,
-        0,
-        audit_api::metrics::ApiMetrics::new(),
-    );
-    let total = measure(|| async {
-        store.count(BIG_ORG, &Filters::default()).await.unwrap();
+    // A live system: another organization's events arrive while the first page is read, so the
+    // current month's parts keep changing and that month is counted again on every request.
+    eprintln!("bench: first page while events arrive");
+    let arriving = tokio::spawn(insert_live_events(client.clone()));
+    let url = format!("{}/api/v1/organization/audit-logs?limit=50", api.base);
+    let live = measure(|| async {
+        api_get(&http, &url, &key).await;
     })
     .await;
+    let live_reference = measure(|| async {
+        tokio::join!(
+            clickhouse_post(&http, format!("SELECT * FROM audit_events WHERE organization_id = '{BIG_ORG}' ORDER BY occurred_at_ms DESC, id DESC LIMIT 50 FORMAT JSON")),
+            clickhouse_post(&http, format!("SELECT count() FROM audit_events WHERE organization_id = '{BIG_ORG}' FORMAT JSON"))
+        );
+    })
+    .await;
+    arriving.abort();
+    rows.push((
+        format!("first page, no filter, while {LIVE_BATCH} events arrive every {LIVE_EVERY_MS} ms"),
+        live,
+        live_reference,
+    ));
+
+    eprintln!("bench: total alone");
     let total_reference = measure(|| async {
         clickhouse_post(
             &http,
@@ -331,11 +365,24 @@ async fn main() {
         .await;
     })
     .await;
-    rows.push((
-        "total alone (count of 5,000,000)".to_owned(),
-        total,
-        total_reference,
-    ));
+    for (name, entries) in [
+        ("total alone (count of 5,000,000), months unchanged", 2_000),
+        ("total alone, every month counted (month cache off)", 0),
+    ] {
+        let store = audit_api::store::AuditLogStore::new(
+            client.clone(),
+            &audit_api::config::QueryConfig {
+                count_cache_entries: entries,
+                ..Default::default()
+            },
+            audit_api::metrics::ApiMetrics::new(),
+        );
+        let total = measure(|| async {
+            store.count(BIG_ORG, &Filters::default()).await.unwrap();
+        })
+        .await;
+        rows.push((name.to_owned(), total, total_reference));
+    }
     let page_rss = api.peak_rss_mb();
     drop(api);
 
@@ -421,12 +468,17 @@ async fn main() {
         .iter()
         .map(|(_, (_, p99), (_, r99))| p99 / r99)
         .fold(0.0, f64::max);
+    let live_p99 = rows[6].1 .1;
     let first_p99 = rows[0].1 .1;
     let cursor_p99 = rows[5].1 .1;
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     println!("| target | figure | verdict |");
     println!("|---|---|---|");
     println!("| first page p99 < 30 ms (worst of the four first-page cases) | {worst_first:.1} ms | {} |", verdict(worst_first < 30.0));
+    println!(
+        "| first page p99 < 30 ms while events arrive | {live_p99:.1} ms | {} |",
+        verdict(live_p99 < 30.0)
+    );
     println!("| first page never slower than 1.3x the reference (worst p99 ratio) | {worst_ratio:.2}x | {} |", verdict(worst_ratio <= 1.3));
     println!(
         "| cursor page at depth 100,000 within 2x of the first page (p99) | {:.2}x | {} |",

@@ -55,6 +55,9 @@ pub struct QueryConfig {
     pub timeout_seconds: u64,
     /// `max_execution_time` of export streams (0 = none: an export runs as long as the client reads).
     pub export_timeout_seconds: u64,
+    /// Filter combinations whose per-month stored-row counts are kept between requests (least
+    /// recently used dropped first; 0 counts every month on every request).
+    pub count_cache_entries: usize,
 }
 
 impl Default for QueryConfig {
@@ -62,6 +65,7 @@ impl Default for QueryConfig {
         Self {
             timeout_seconds: 10,
             export_timeout_seconds: 0,
+            count_cache_entries: 2_000,
         }
     }
 }

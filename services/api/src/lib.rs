@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod keys;
 pub mod metrics;
+pub mod partitions;
 pub mod query;
 pub mod read_events;
 pub mod render;

@@ -14,6 +14,7 @@ pub struct ApiMetrics {
     pub bytes_streamed: IntCounterVec,
     pub query_seconds: HistogramVec,
     pub read_events: IntCounterVec,
+    pub months: IntCounterVec,
 }
 
 impl Default for ApiMetrics {
@@ -66,8 +67,23 @@ impl ApiMetrics {
                 "audit_log.viewed/exported events handed to Kafka, by result.",
                 &["result"],
             ),
+            months: counter_vec(
+                &registry,
+                "audit_api_aggregate_months_total",
+                "Months of counts and watermarks, by outcome: reused (parts unchanged) or computed.",
+                &["outcome"],
+            ),
             registry,
         }
+    }
+
+    pub fn observe_months(&self, reused: usize, computed: usize) {
+        self.months
+            .with_label_values(&["reused"])
+            .inc_by(reused as u64);
+        self.months
+            .with_label_values(&["computed"])
+            .inc_by(computed as u64);
     }
 
     pub fn observe_query(&self, kind: &str, started: Instant) {

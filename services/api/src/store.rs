@@ -5,14 +5,17 @@
 //! De-duplication: `FINAL` collapses rows that share the sorting key (organization, time, id),
 //! so a re-delivered event shows once even before the background merge ran.
 
+use std::sync::Arc;
 use std::time::Instant;
 
 use audit_store::clickhouse::{self, Row};
 use audit_store::EVENTS_TABLE;
 use serde::Deserialize;
 
+use crate::config::QueryConfig;
 use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
+use crate::partitions::{self, Aggregate, AggregateKey, PartitionCache};
 use crate::query::{Cursor, Filters, SortOrder};
 
 /// One event as the read path returns it (the lineage columns stay internal).
@@ -250,21 +253,20 @@ pub struct AuditLogStore {
     client: clickhouse::Client,
     export_client: clickhouse::Client,
     metrics: ApiMetrics,
+    /// Counts and the newest ingest time per month, while the month's parts stay the same.
+    partitions: Arc<PartitionCache>,
 }
 
 impl AuditLogStore {
-    pub fn new(
-        client: clickhouse::Client,
-        timeout_seconds: u64,
-        export_timeout_seconds: u64,
-        metrics: ApiMetrics,
-    ) -> Self {
+    pub fn new(client: clickhouse::Client, config: &QueryConfig, metrics: ApiMetrics) -> Self {
         Self {
-            export_client: client
-                .clone()
-                .with_setting("max_execution_time", export_timeout_seconds.to_string()),
-            client: client.with_setting("max_execution_time", timeout_seconds.to_string()),
+            export_client: client.clone().with_setting(
+                "max_execution_time",
+                config.export_timeout_seconds.to_string(),
+            ),
+            client: client.with_setting("max_execution_time", config.timeout_seconds.to_string()),
             metrics,
+            partitions: Arc::new(PartitionCache::new(config.count_cache_entries)),
         }
     }
 
@@ -497,7 +499,9 @@ impl AuditLogStore {
     /// Number of events matching the filters, and whether it is exact. Up to
     /// [`EXACT_TOTAL_LIMIT`] events it counts distinct events; above, it is the number of
     /// stored rows, which exceeds the distinct count only by re-deliveries ClickHouse has not
-    /// merged yet (a distinct count of millions of rows costs a second or more on 18.16).
+    /// merged yet (a distinct count of millions of rows costs a second or more on 18.16). The
+    /// stored rows are counted per month, and a month whose parts did not change since an
+    /// earlier request is not counted again (see [`crate::partitions`]).
     pub async fn count(
         &self,
         organization_id: &str,
@@ -511,9 +515,11 @@ impl AuditLogStore {
             condition.sql,
             EXACT_TOTAL_LIMIT + 1
         );
-        let stored_sql = format!("SELECT count() FROM {table} WHERE {}", condition.sql);
         let distinct = || self.fetch_one::<u64>("count_distinct", &condition, &distinct_sql);
-        let stored = || self.fetch_one::<u64>("count", &condition, &stored_sql);
+        let stored = || {
+            let span = (filters.from_ms, filters.to_ms);
+            self.by_month(&condition, Aggregate::Count, span)
+        };
         if filters.is_selective() {
             // Likely a small set: one scan settles it.
             let n = distinct().await?;
@@ -552,15 +558,80 @@ impl AuditLogStore {
     }
 
     /// Ingest time of the newest stored event, epoch milliseconds (None on an empty table).
+    /// Per month like the counts: only months that received rows since the last call are read.
     pub async fn newest_ingested_at(&self) -> Result<Option<u64>, ApiError> {
-        let sql = format!("SELECT max(ingested_at_ms) FROM {EVENTS_TABLE}");
+        let everything = Condition::default();
         let newest = self
-            .client
-            .query(&sql)
-            .fetch_one::<u64>()
-            .await
-            .map_err(|err| from_clickhouse(&err))?;
+            .by_month(&everything, Aggregate::NewestIngestedAt, (None, None))
+            .await?;
         Ok((newest > 0).then_some(newest))
+    }
+
+    /// `aggregate` over the rows of `condition` within `[from, to)`, computed per month: the
+    /// months whose parts did not change since the cache saw them are taken from it, the others
+    /// are computed in one query (one `UNION ALL` branch per month). A table whose partitions
+    /// are not months is aggregated in one plain query.
+    async fn by_month(
+        &self,
+        condition: &Condition,
+        aggregate: Aggregate,
+        (from_ms, to_ms): (Option<i64>, Option<i64>),
+    ) -> Result<u64, ApiError> {
+        let table = condition.table();
+        let kind = match aggregate {
+            Aggregate::Count => "count",
+            Aggregate::NewestIngestedAt => "newest_ingested_at",
+        };
+        let listing = Condition {
+            table: "",
+            sql: "database = currentDatabase() AND table = ? AND active".to_owned(),
+            values: vec![Bound::Text(table.to_owned())],
+        };
+        let sql = format!(
+            "SELECT partition_id, name FROM system.parts WHERE {}",
+            listing.sql
+        );
+        let parts: Vec<(String, String)> = self.fetch_all("parts", &listing, &sql).await?;
+        let rows = if condition.sql.is_empty() {
+            "1"
+        } else {
+            condition.sql.as_str()
+        };
+        let Some(months) = partitions::months(&parts) else {
+            let sql = format!("SELECT {} FROM {table} WHERE {rows}", aggregate.sql());
+            return self.fetch_one(kind, condition, &sql).await;
+        };
+        let key = AggregateKey {
+            table,
+            aggregate,
+            condition: format!("{} {:?}", condition.sql, condition.values),
+        };
+        let plan = self.partitions.plan(&key, months, from_ms, to_ms);
+        self.metrics
+            .observe_months(plan.reused(), plan.missing.len());
+        if plan.missing.is_empty() {
+            return Ok(self.partitions.complete(&key, plan, &[]));
+        }
+        let mut union = Condition::default();
+        let branches: Vec<String> = plan
+            .missing
+            .iter()
+            .map(|month| {
+                union.values.push(Bound::Text(month.id.clone()));
+                union.values.extend(condition.values.iter().cloned());
+                union.values.push(Bound::Int(month.start_ms));
+                union.values.push(Bound::Int(month.end_ms));
+                format!(
+                    "SELECT ? AS month, {} AS value FROM {table} WHERE {rows} \
+                     AND occurred_at_ms >= ? AND occurred_at_ms < ?",
+                    aggregate.sql()
+                )
+            })
+            .collect();
+        let computed: Vec<(String, u64)> = self
+            .fetch_all(kind, &union, &branches.join(" UNION ALL "))
+            .await?;
+        Ok(self.partitions.complete(&key, plan, &computed))
     }
 }
 

@@ -842,6 +842,89 @@ async fn an_unreachable_store_is_a_clear_503() {
     api.stop().await;
 }
 
+/// Totals are counted per month and a month is reused while its parts stay the same: every
+/// change to the stored rows (an insert into a known month, a new month, a re-delivery, a merge)
+/// must show in the next total.
+#[tokio::test]
+async fn totals_follow_inserts_redeliveries_and_merges() {
+    const FEB_MS: i64 = 1_738_368_000_000; // 2025-02-01T00:00:00Z
+    const MAR_MS: i64 = 1_740_787_200_000; // 2025-03-01T00:00:00Z
+    let api = TestApi::spawn("totals").await;
+    let key = api.key("org_a", Role::Admin).await;
+    let total = |query: &'static str| {
+        let api = &api;
+        let key = &key;
+        async move {
+            let (status, headers, body) = api.get(key, query).await;
+            assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+            let page: Value = serde_json::from_slice(&body).unwrap();
+            let exact = headers["x-total-count-exact"].to_str().unwrap() == "true";
+            (page["total"].as_u64().unwrap(), exact)
+        }
+    };
+    // Above the exact-total limit (so the stored rows are what is counted): 110,000 events 30 s
+    // apart, January and February 2025, and another organization's events in the same months.
+    let bulk: Vec<AuditEventRow> = (0..110_000)
+        .map(|n| event("org_a", &format!("b{n:06}"), BASE_MS + n * 30_000))
+        .collect();
+    api.insert(&bulk).await;
+    api.insert(&series("org_b", 20)).await;
+    let in_february = bulk.iter().filter(|r| r.occurred_at_ms >= FEB_MS).count() as u64;
+    assert!(in_february > 0 && in_february < 110_000);
+    // February on its own is under the limit: exact, distinct events.
+    let february = "limit=1&from=2025-02-01T00:00:00Z";
+
+    assert_eq!(total("limit=1").await, (110_000, false));
+    assert_eq!(total("limit=1").await, (110_000, false));
+    assert_eq!(total(february).await, (in_february, true));
+
+    // New events in a month already counted, and in a month never seen.
+    let news: Vec<AuditEventRow> = (0..5)
+        .map(|n| event("org_a", &format!("n{n}"), FEB_MS + 7))
+        .chain((0..3).map(|n| event("org_a", &format!("m{n}"), MAR_MS + n)))
+        .collect();
+    api.insert(&news).await;
+    assert_eq!(total("limit=1").await, (110_008, false));
+    assert_eq!(total(february).await, (in_february + 8, true));
+
+    // A re-delivery is a stored row until ClickHouse merges it away (the total says so).
+    api.insert(&bulk[..2]).await;
+    assert_eq!(total("limit=1").await, (110_010, false));
+    api.client()
+        .query("OPTIMIZE TABLE audit_events FINAL")
+        .execute()
+        .await
+        .unwrap();
+    assert_eq!(total("limit=1").await, (110_008, false));
+
+    // Below the limit the total is exact, and it follows inserts as well.
+    let b_total = || async {
+        let key_b = api.key("org_b", Role::Admin).await;
+        let (_, headers, body) = api.get(&key_b, "limit=1").await;
+        let page: Value = serde_json::from_slice(&body).unwrap();
+        assert_eq!(headers["x-total-count-exact"], "true");
+        page["total"].as_u64().unwrap()
+    };
+    assert_eq!(b_total().await, 20);
+    api.insert(&[event("org_b", "late", MAR_MS + 99)]).await;
+    assert_eq!(b_total().await, 21);
+
+    let metrics = api
+        .http
+        .get(api.url("/metrics", ""))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("audit_api_aggregate_months_total{outcome=\"reused\"}"),
+        "{metrics}"
+    );
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn freshness_and_request_ids_come_with_every_answer() {
     let api = TestApi::spawn("fresh").await;
@@ -859,6 +942,22 @@ async fn freshness_and_request_ids_come_with_every_answer() {
             break;
         }
         assert!(Instant::now() < deadline, "no freshness header");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // A newer event in the same month (the watermark is kept per month) moves it on.
+    let mut row = event("org_a", "f2", BASE_MS + 1);
+    row.ingested_at_ms = 1_750_000_001_000;
+    api.insert(&[row]).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, headers, _) = api.get(&key, "").await;
+        if headers["x-audit-newest-ingested-at"] == "2025-06-15T15:06:41.000Z" {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the freshness header did not advance"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let metrics = api

@@ -56,6 +56,9 @@ pub struct Month {
     pub end_ms: i64,
     /// Identifies the partition's content: a hash of its active part names.
     digest: u64,
+    /// One part, written by a merge: ReplacingMergeTree kept one row per sorting key, so the
+    /// month holds no re-delivery and its stored rows are its distinct events.
+    pub merged: bool,
 }
 
 impl Month {
@@ -65,28 +68,44 @@ impl Month {
     }
 }
 
-/// The months of a table from its active `(partition_id, part name)` rows, or None when a
-/// partition id is not a `YYYYMM` month (the table is not partitioned as this module assumes).
-pub fn months(parts: &[(String, String)]) -> Option<Vec<Month>> {
-    let mut by_partition: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
-    for (partition, part) in parts {
-        by_partition.entry(partition).or_default().push(part);
+/// One active part as `system.parts` lists it: `(partition_id, name, level)`; level 0 is an
+/// insert, above 0 a merge.
+pub type Part = (String, String, u32);
+
+/// The months of a table from its active parts, or None when a partition id is not a `YYYYMM`
+/// month (the table is not partitioned as this module assumes).
+pub fn months(parts: &[Part]) -> Option<Vec<Month>> {
+    let mut by_partition: BTreeMap<&str, Vec<(&str, u32)>> = BTreeMap::new();
+    for (partition, part, level) in parts {
+        by_partition
+            .entry(partition)
+            .or_default()
+            .push((part, *level));
     }
     by_partition
         .into_iter()
-        .map(|(id, mut names)| {
+        .map(|(id, mut parts)| {
             let (start_ms, end_ms) = month_bounds(id)?;
-            names.sort_unstable();
+            parts.sort_unstable();
             let mut hasher = DefaultHasher::new();
-            names.hash(&mut hasher);
+            parts.hash(&mut hasher);
             Some(Month {
                 id: id.to_owned(),
                 start_ms,
                 end_ms,
                 digest: hasher.finish(),
+                merged: matches!(parts.as_slice(), [(_, level)] if *level > 0),
             })
         })
         .collect()
+}
+
+/// Whether every month meeting `[from, to)` is [`Month::merged`] (true for none).
+pub fn all_merged(months: &[Month], from_ms: Option<i64>, to_ms: Option<i64>) -> bool {
+    months
+        .iter()
+        .filter(|m| m.meets(from_ms, to_ms))
+        .all(|m| m.merged)
 }
 
 /// `[first instant, first instant of the next month)` of a `YYYYMM` partition id, epoch ms UTC.
@@ -220,9 +239,13 @@ impl PartitionCache {
 mod tests {
     use super::*;
 
-    fn parts(list: &[(&str, &str)]) -> Vec<(String, String)> {
+    /// Parts named `<partition>_<min>_<max>_<level>`, as ClickHouse names them.
+    fn parts(list: &[(&str, &str)]) -> Vec<Part> {
         list.iter()
-            .map(|(p, n)| (p.to_string(), n.to_string()))
+            .map(|(p, n)| {
+                let level = n.rsplit('_').next().unwrap().parse().unwrap();
+                (p.to_string(), n.to_string(), level)
+            })
             .collect()
     }
 
@@ -308,6 +331,26 @@ mod tests {
         assert_eq!(plan.missing.len(), 2);
         let computed = vec![("202501".to_owned(), 9), ("202502".to_owned(), 4)];
         assert_eq!(cache.complete(&newest, plan, &computed), 9);
+    }
+
+    #[test]
+    fn only_a_single_merged_part_makes_a_month_duplicate_free() {
+        let m = months(&parts(&[
+            ("202501", "202501_1_1_0"),
+            ("202502", "202502_2_5_1"),
+            ("202503", "202503_3_6_1"),
+            ("202503", "202503_7_7_0"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            m.iter().map(|m| m.merged).collect::<Vec<_>>(),
+            [false, true, false]
+        );
+        let (feb, mar) = (Some(m[1].start_ms), Some(m[2].start_ms));
+        assert!(all_merged(&m, feb, mar));
+        assert!(!all_merged(&m, feb, None));
+        assert!(!all_merged(&m, None, mar));
+        assert!(all_merged(&[], None, None));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use serde::Deserialize;
 use crate::config::QueryConfig;
 use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
-use crate::partitions::{self, Aggregate, AggregateKey, PartitionCache};
+use crate::partitions::{self, Aggregate, AggregateKey, Month, Part, PartitionCache};
 use crate::query::{Cursor, Filters, SortOrder};
 
 /// One event as the read path returns it (the lineage columns stay internal).
@@ -499,9 +499,11 @@ impl AuditLogStore {
     /// Number of events matching the filters, and whether it is exact. Up to
     /// [`EXACT_TOTAL_LIMIT`] events it counts distinct events; above, it is the number of
     /// stored rows, which exceeds the distinct count only by re-deliveries ClickHouse has not
-    /// merged yet (a distinct count of millions of rows costs a second or more on 18.16). The
-    /// stored rows are counted per month, and a month whose parts did not change since an
-    /// earlier request is not counted again (see [`crate::partitions`]).
+    /// merged yet (a distinct count of millions of rows costs a second or more on 18.16), except
+    /// when every month in range is one merged part: then no re-delivery can be pending and the
+    /// stored rows are exact at any size. The stored rows are counted per month, and a month
+    /// whose parts did not change since an earlier request is not counted again (see
+    /// [`crate::partitions`]).
     pub async fn count(
         &self,
         organization_id: &str,
@@ -516,10 +518,16 @@ impl AuditLogStore {
             EXACT_TOTAL_LIMIT + 1
         );
         let distinct = || self.fetch_one::<u64>("count_distinct", &condition, &distinct_sql);
-        let stored = || {
-            let span = (filters.from_ms, filters.to_ms);
-            self.by_month(&condition, Aggregate::Count, span)
-        };
+        let span = (filters.from_ms, filters.to_ms);
+        let months = self.months(table).await?;
+        let stored = || self.by_month(&condition, Aggregate::Count, months.clone(), span);
+        if months
+            .as_deref()
+            .is_some_and(|m| partitions::all_merged(m, span.0, span.1))
+        {
+            // No month in range can hold a re-delivery: the stored rows are the events.
+            return Ok((stored().await?, true));
+        }
         if filters.is_selective() {
             // Likely a small set: one scan settles it.
             let n = distinct().await?;
@@ -561,20 +569,43 @@ impl AuditLogStore {
     /// Per month like the counts: only months that received rows since the last call are read.
     pub async fn newest_ingested_at(&self) -> Result<Option<u64>, ApiError> {
         let everything = Condition::default();
+        let months = self.months(EVENTS_TABLE).await?;
         let newest = self
-            .by_month(&everything, Aggregate::NewestIngestedAt, (None, None))
+            .by_month(
+                &everything,
+                Aggregate::NewestIngestedAt,
+                months,
+                (None, None),
+            )
             .await?;
         Ok((newest > 0).then_some(newest))
     }
 
-    /// `aggregate` over the rows of `condition` within `[from, to)`, computed per month: the
-    /// months whose parts did not change since the cache saw them are taken from it, the others
-    /// are computed in one query (one `UNION ALL` branch per month). A table whose partitions
-    /// are not months is aggregated in one plain query.
+    /// The months of `table` from its active parts (one `system.parts` read), or None when it
+    /// is not partitioned by month.
+    async fn months(&self, table: &str) -> Result<Option<Vec<Month>>, ApiError> {
+        let listing = Condition {
+            table: "",
+            sql: "database = currentDatabase() AND table = ? AND active".to_owned(),
+            values: vec![Bound::Text(table.to_owned())],
+        };
+        let sql = format!(
+            "SELECT partition_id, name, level FROM system.parts WHERE {}",
+            listing.sql
+        );
+        let parts: Vec<Part> = self.fetch_all("parts", &listing, &sql).await?;
+        Ok(partitions::months(&parts))
+    }
+
+    /// `aggregate` over the rows of `condition` within `[from, to)`, computed per month (of
+    /// `months`, from [`Self::months`]): the months whose parts did not change since the cache
+    /// saw them are taken from it, the others are computed in one query (one `UNION ALL` branch
+    /// per month). A table whose partitions are not months is aggregated in one plain query.
     async fn by_month(
         &self,
         condition: &Condition,
         aggregate: Aggregate,
+        months: Option<Vec<Month>>,
         (from_ms, to_ms): (Option<i64>, Option<i64>),
     ) -> Result<u64, ApiError> {
         let table = condition.table();
@@ -582,22 +613,12 @@ impl AuditLogStore {
             Aggregate::Count => "count",
             Aggregate::NewestIngestedAt => "newest_ingested_at",
         };
-        let listing = Condition {
-            table: "",
-            sql: "database = currentDatabase() AND table = ? AND active".to_owned(),
-            values: vec![Bound::Text(table.to_owned())],
-        };
-        let sql = format!(
-            "SELECT partition_id, name FROM system.parts WHERE {}",
-            listing.sql
-        );
-        let parts: Vec<(String, String)> = self.fetch_all("parts", &listing, &sql).await?;
         let rows = if condition.sql.is_empty() {
             "1"
         } else {
             condition.sql.as_str()
         };
-        let Some(months) = partitions::months(&parts) else {
+        let Some(months) = months else {
             let sql = format!("SELECT {} FROM {table} WHERE {rows}", aggregate.sql());
             return self.fetch_one(kind, condition, &sql).await;
         };

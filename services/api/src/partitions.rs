@@ -353,6 +353,34 @@ mod tests {
         assert!(all_merged(&[], None, None));
     }
 
+    /// This module reads a partition id `YYYYMM` as the month of `occurred_at_ms`: every table it
+    /// aggregates must be partitioned exactly that way.
+    #[test]
+    fn every_partitioned_table_is_partitioned_by_the_month_of_occurred_at() {
+        let expected = "PARTITION BY toYYYYMM(toDateTime(intDiv(occurred_at_ms, 1000), 'UTC'))";
+        let mut tables = Vec::new();
+        for migration in audit_store::migrations::MIGRATIONS {
+            for statement in migration.statements() {
+                let Some(at) = statement.find("PARTITION BY") else {
+                    continue;
+                };
+                let line = statement[at..].lines().next().unwrap().trim();
+                assert_eq!(line, expected, "migration {}", migration.name);
+                let created = statement.split("CREATE TABLE IF NOT EXISTS").nth(1);
+                let table = created.and_then(|rest| rest.split_whitespace().next());
+                tables.push(table.expect("a partitioned CREATE TABLE").to_owned());
+            }
+        }
+        tables.sort();
+        let mut aggregated = [
+            audit_store::EVENTS_TABLE,
+            crate::store::BY_TYPE_TABLE,
+            crate::store::BY_ACTOR_EMAIL_TABLE,
+        ];
+        aggregated.sort();
+        assert_eq!(tables, aggregated);
+    }
+
     #[test]
     fn capacity_zero_computes_every_time() {
         let cache = PartitionCache::new(0);

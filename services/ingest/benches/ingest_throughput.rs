@@ -125,9 +125,10 @@ fn spawn_ingest(topics: &Topics, prefix: &str, database: &str, group: &str) -> C
         .expect("audit-ingest")
 }
 
-/// Resident memory of a running process (0 once it is gone).
+/// Peak resident memory of a running process so far: the kernel's high-water mark (VmHWM), so
+/// a peak between two samples is not missed (0 once the process is gone).
 fn rss_mb(pid: u32) -> f64 {
-    audit_testkit::proc_status_kb(pid, "VmRSS").map_or(0.0, |kb| kb as f64 / 1024.0)
+    audit_testkit::proc_status_kb(pid, "VmHWM").map_or(0.0, |kb| kb as f64 / 1024.0)
 }
 
 struct Throughput {

@@ -257,6 +257,15 @@ mod tests {
         }
     }
 
+    /// January and February 2025, one part each, as inserted.
+    fn jan_feb() -> Vec<Month> {
+        months(&parts(&[
+            ("202501", "202501_1_1_0"),
+            ("202502", "202502_2_2_0"),
+        ]))
+        .unwrap()
+    }
+
     #[test]
     fn partition_ids_map_to_utc_months() {
         let m = months(&parts(&[
@@ -277,11 +286,7 @@ mod tests {
     #[test]
     fn a_month_is_reused_until_its_parts_change() {
         let cache = PartitionCache::new(10);
-        let before = months(&parts(&[
-            ("202501", "202501_1_1_0"),
-            ("202502", "202502_2_2_0"),
-        ]))
-        .unwrap();
+        let before = jan_feb();
         let plan = cache.plan(&key(), before.clone(), None, None);
         assert_eq!(plan.missing.len(), 2);
         let computed = vec![("202501".to_owned(), 10), ("202502".to_owned(), 5)];
@@ -312,11 +317,7 @@ mod tests {
     #[test]
     fn only_months_in_range_are_planned_and_keys_do_not_mix() {
         let cache = PartitionCache::new(10);
-        let all = months(&parts(&[
-            ("202501", "202501_1_1_0"),
-            ("202502", "202502_2_2_0"),
-        ]))
-        .unwrap();
+        let all = jan_feb();
         let feb = Some(1_738_368_000_000); // 2025-02-01T00:00:00Z
         let plan = cache.plan(&key(), all.clone(), feb, None);
         assert_eq!(plan.missing.len(), 1);

@@ -94,6 +94,12 @@ impl TestApi {
         insert.end().await.unwrap();
     }
 
+    /// The Prometheus exposition of `/metrics`.
+    async fn metrics(&self) -> String {
+        let response = self.http.get(self.url("/metrics", "")).send().await;
+        response.unwrap().text().await.unwrap()
+    }
+
     fn url(&self, path: &str, query: &str) -> String {
         format!("http://{}{path}?{query}", self.address)
     }
@@ -914,8 +920,8 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
     assert_eq!(page["total"], in_february + 8);
 
     // Below the limit the total is exact, and it follows inserts as well.
+    let key_b = api.key("org_b", Role::Admin).await;
     let b_total = || async {
-        let key_b = api.key("org_b", Role::Admin).await;
         let (_, headers, body) = api.get(&key_b, "limit=1").await;
         let page: Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(headers["x-total-count-exact"], "true");
@@ -925,15 +931,7 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
     api.insert(&[event("org_b", "late", MAR_MS + 99)]).await;
     assert_eq!(b_total().await, 21);
 
-    let metrics = api
-        .http
-        .get(api.url("/metrics", ""))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(
         metrics.contains("audit_api_aggregate_months_total{outcome=\"reused\"}"),
         "{metrics}"
@@ -976,15 +974,7 @@ async fn freshness_and_request_ids_come_with_every_answer() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let metrics = api
-        .http
-        .get(api.url("/metrics", ""))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = api.metrics().await;
     assert!(metrics.contains("audit_api_requests_total{format=\"json\",route=\"/api/v1/organization/audit-logs\",status=\"200\"}"));
     api.stop().await;
 }

@@ -520,13 +520,27 @@ impl AuditLogStore {
         let distinct = || self.fetch_one::<u64>("count_distinct", &condition, &distinct_sql);
         let span = (filters.from_ms, filters.to_ms);
         let months = self.months(table).await?;
-        let stored = || self.by_month(&condition, Aggregate::Count, months.clone(), span);
+        let stored = || async {
+            let (n, _) = self
+                .by_month(&condition, Aggregate::Count, months.clone(), span)
+                .await?;
+            Ok::<u64, ApiError>(n)
+        };
         if months
             .as_deref()
             .is_some_and(|m| partitions::all_merged(m, span.0, span.1))
         {
-            // No month in range can hold a re-delivery: the stored rows are the events.
-            return Ok((stored().await?, true));
+            // No month in range can hold a re-delivery: the stored rows are the events. A month
+            // counted just now must still be the merged part it was listed as, since a part
+            // written in between could hold a re-delivery that the count included.
+            let (n, counted_now) = self
+                .by_month(&condition, Aggregate::Count, months.clone(), span)
+                .await?;
+            let settled = counted_now.is_empty() || {
+                let now = self.months(table).await?.unwrap_or_default();
+                counted_now.iter().all(|month| now.contains(month))
+            };
+            return Ok((n, settled));
         }
         if filters.is_selective() {
             // Likely a small set: one scan settles it.
@@ -570,7 +584,7 @@ impl AuditLogStore {
     pub async fn newest_ingested_at(&self) -> Result<Option<u64>, ApiError> {
         let everything = Condition::default();
         let months = self.months(EVENTS_TABLE).await?;
-        let newest = self
+        let (newest, _) = self
             .by_month(
                 &everything,
                 Aggregate::NewestIngestedAt,
@@ -601,13 +615,14 @@ impl AuditLogStore {
     /// `months`, from [`Self::months`]): the months whose parts did not change since the cache
     /// saw them are taken from it, the others are computed in one query (one `UNION ALL` branch
     /// per month). A table whose partitions are not months is aggregated in one plain query.
+    /// Also returns the months computed by this call.
     async fn by_month(
         &self,
         condition: &Condition,
         aggregate: Aggregate,
         months: Option<Vec<Month>>,
         (from_ms, to_ms): (Option<i64>, Option<i64>),
-    ) -> Result<u64, ApiError> {
+    ) -> Result<(u64, Vec<Month>), ApiError> {
         let table = condition.table();
         let kind = match aggregate {
             Aggregate::Count => "count",
@@ -620,7 +635,7 @@ impl AuditLogStore {
         };
         let Some(months) = months else {
             let sql = format!("SELECT {} FROM {table} WHERE {rows}", aggregate.sql());
-            return self.fetch_one(kind, condition, &sql).await;
+            return Ok((self.fetch_one(kind, condition, &sql).await?, Vec::new()));
         };
         let key = AggregateKey {
             table,
@@ -631,7 +646,7 @@ impl AuditLogStore {
         self.metrics
             .observe_months(plan.reused(), plan.missing.len());
         if plan.missing.is_empty() {
-            return Ok(self.partitions.complete(&key, plan, &[]));
+            return Ok((self.partitions.complete(&key, plan, &[]), Vec::new()));
         }
         let mut union = Condition::default();
         let branches: Vec<String> = plan
@@ -652,7 +667,8 @@ impl AuditLogStore {
         let computed: Vec<(String, u64)> = self
             .fetch_all(kind, &union, &branches.join(" UNION ALL "))
             .await?;
-        Ok(self.partitions.complete(&key, plan, &computed))
+        let counted_now = plan.missing.clone();
+        Ok((self.partitions.complete(&key, plan, &computed), counted_now))
     }
 }
 

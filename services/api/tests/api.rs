@@ -987,7 +987,7 @@ fn peak_rss_kb(pid: u32) -> u64 {
 /// The real binary streams a 1,000,000-row CSV export with flat memory: the body is produced as
 /// the client reads, never held.
 #[tokio::test]
-async fn a_million_row_export_streams_in_bounded_memory() {
+async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_client() {
     const ROWS: u64 = 1_000_000;
     const BOUND_MB: u64 = 64;
     let api = TestApi::spawn("bigexport").await;
@@ -1025,6 +1025,43 @@ async fn a_million_row_export_streams_in_bounded_memory() {
         assert!(Instant::now() < deadline, "audit-api did not become ready");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    // A client that hangs up stops the ClickHouse query. The export's `from` (7 ms into the
+    // data) marks its SQL among the queries of other tests.
+    let running = || async {
+        api.client()
+            .query(
+                "SELECT count() FROM system.processes WHERE query LIKE '%occurred_at_ms >= 1735689600007 %' \
+                 AND query NOT LIKE '%system.processes%'",
+            )
+            .fetch_one::<u64>()
+            .await
+            .unwrap()
+    };
+    let mut response = api
+        .http
+        .get(format!(
+            "http://127.0.0.1:{port}/api/v1/organization/audit-logs/export?format=csv&from=2025-01-01T00:00:00.007Z"
+        ))
+        .header("X-API-Key", key.secret.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    assert!(response.chunk().await.unwrap().is_some());
+    assert_eq!(
+        running().await,
+        1,
+        "the export's query runs while its client reads"
+    );
+    drop(response);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while running().await > 0 {
+        assert!(
+            Instant::now() < deadline,
+            "the export's query outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
     let mut response = api
         .http
         .get(format!(

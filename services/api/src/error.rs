@@ -138,21 +138,26 @@ pub fn from_clickhouse(err: &audit_store::clickhouse::error::Error) -> ApiError 
     use audit_store::clickhouse::error::Error;
     match err {
         Error::Network(_) | Error::TimedOut => ApiError::StoreUnavailable,
-        Error::BadResponse(message) if is_timeout(message) => ApiError::QueryTimeout,
-        Error::BadResponse(message) if is_overload(message) => ApiError::StoreUnavailable,
+        Error::BadResponse(message) => match exception_code(message) {
+            // TIMEOUT_EXCEEDED, TOO_SLOW (estimated time over the limit).
+            Some(159 | 160) => ApiError::QueryTimeout,
+            // TOO_MANY_SIMULTANEOUS_QUERIES, MEMORY_LIMIT_EXCEEDED, and answers without a code
+            // (an HTTP gateway's page): the store is there but cannot answer now.
+            Some(202 | 241) | None => ApiError::StoreUnavailable,
+            Some(_) => ApiError::Internal(message.clone()),
+        },
         other => ApiError::Internal(other.to_string()),
     }
 }
 
-/// `Code: 159` TIMEOUT_EXCEEDED, `Code: 160` TOO_SLOW (estimated time over the limit).
-fn is_timeout(message: &str) -> bool {
-    message.contains("Code: 159.") || message.contains("Code: 160.")
-}
-
-/// `Code: 202` TOO_MANY_SIMULTANEOUS_QUERIES, `Code: 241` MEMORY_LIMIT_EXCEEDED, HTTP gateway
-/// pages: the store is there but cannot answer now.
-fn is_overload(message: &str) -> bool {
-    message.contains("Code: 202.") || message.contains("Code: 241.") || !message.contains("Code: ")
+/// The exception code of a ClickHouse error text: `Code: 159, e.displayText() = ...` on 18.16,
+/// `Code: 159. DB::Exception: ...` on later versions.
+fn exception_code(message: &str) -> Option<u32> {
+    let (_, rest) = message.split_once("Code: ")?;
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..digits].parse().ok()
 }
 
 #[cfg(test)]
@@ -162,16 +167,26 @@ mod tests {
 
     #[test]
     fn clickhouse_failures_map_to_503_and_504_without_their_text() {
-        let timeout = from_clickhouse(&Error::BadResponse(
-            "Code: 159. DB::Exception: Timeout exceeded: elapsed 10.1 seconds, SELECT secret"
-                .into(),
+        // 18.16's form, then the form of later versions.
+        for text in [
+            "Code: 159, e.displayText() = DB::Exception: Timeout exceeded: elapsed 10.1 seconds, \
+             maximum: 10, e.what() = DB::Exception",
+            "Code: 159. DB::Exception: Timeout exceeded: elapsed 10.1 seconds, SELECT secret",
+        ] {
+            let timeout = from_clickhouse(&Error::BadResponse(text.into()));
+            assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT, "{text}");
+            assert!(!timeout.to_string().contains("SELECT"));
+        }
+        let busy = from_clickhouse(&Error::BadResponse(
+            "Code: 202, e.displayText() = DB::Exception: Too many simultaneous queries".into(),
         ));
-        assert_eq!(timeout.status(), StatusCode::GATEWAY_TIMEOUT);
-        assert!(!timeout.to_string().contains("SELECT"));
+        assert_eq!(busy.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let gateway = from_clickhouse(&Error::BadResponse("502 Bad Gateway".into()));
+        assert_eq!(gateway.status(), StatusCode::SERVICE_UNAVAILABLE);
         let down = from_clickhouse(&Error::TimedOut);
         assert_eq!(down.status(), StatusCode::SERVICE_UNAVAILABLE);
         let bug = from_clickhouse(&Error::BadResponse(
-            "Code: 62. DB::Exception: Syntax error near SELECT".into(),
+            "Code: 62, e.displayText() = DB::Exception: Syntax error near SELECT".into(),
         ));
         assert_eq!(bug.status(), StatusCode::INTERNAL_SERVER_ERROR);
         assert_eq!(bug.to_string(), "internal error");

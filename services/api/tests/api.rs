@@ -848,6 +848,35 @@ async fn an_unreachable_store_is_a_clear_503() {
     api.stop().await;
 }
 
+/// A query over ClickHouse's time limit is a 504 that names the limit and nothing else. The
+/// service's own queries cannot be made slow on demand, so the real server's timeout comes
+/// through the same client (`SELECT sleep(2)` under a 1 s `max_execution_time`).
+#[tokio::test]
+async fn a_clickhouse_timeout_is_a_clear_504() {
+    use axum::response::IntoResponse;
+    let config = ClickHouseConfig {
+        url: clickhouse_url(),
+        ..ClickHouseConfig::default()
+    };
+    let err = config
+        .server_client()
+        .with_setting("max_execution_time", "1")
+        .query("SELECT sleep(2)")
+        .fetch_one::<u8>()
+        .await
+        .unwrap_err();
+    let response = audit_api::error::from_clickhouse(&err).into_response();
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT, "{err}");
+    let body = http_body_util::BodyExt::collect(response.into_body())
+        .await
+        .unwrap()
+        .to_bytes();
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["error"]["code"], "query_timeout");
+    let text = String::from_utf8_lossy(&body);
+    assert!(!text.contains("sleep") && !text.contains("Code"), "{text}");
+}
+
 /// Totals are counted per month and a month is reused while its parts stay the same: every
 /// change to the stored rows (an insert into a known month, a new month, a re-delivery, a merge)
 /// must show in the next total.

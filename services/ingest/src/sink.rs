@@ -47,22 +47,17 @@ const DATA_ERROR_CODES: &[u32] = &[
 pub fn classify(error: &clickhouse::error::Error) -> InsertError {
     let text = error.to_string();
     match error {
-        clickhouse::error::Error::BadResponse(message) => match exception_code(message) {
-            Some(code) if DATA_ERROR_CODES.contains(&code) => InsertError::Rejected(text),
-            _ => InsertError::Transient(text),
-        },
+        clickhouse::error::Error::BadResponse(message) => {
+            match audit_store::exception_code(message) {
+                Some(code) if DATA_ERROR_CODES.contains(&code) => InsertError::Rejected(text),
+                _ => InsertError::Transient(text),
+            }
+        }
         clickhouse::error::Error::SequenceMustHaveLength
         | clickhouse::error::Error::Custom(_)
         | clickhouse::error::Error::InvalidUtf8Encoding(_) => InsertError::Rejected(text),
         _ => InsertError::Transient(text),
     }
-}
-
-/// `Code: 27. DB::Exception: ...` -> 27.
-fn exception_code(message: &str) -> Option<u32> {
-    let rest = &message[message.find("Code: ")? + "Code: ".len()..];
-    let digits: String = rest.chars().take_while(char::is_ascii_digit).collect();
-    digits.parse().ok()
 }
 
 /// Inserts rows into one table, retrying transient failures with capped, jittered back-off.
@@ -165,6 +160,11 @@ mod tests {
             "Code: 27. DB::Exception: Cannot parse input: expected '\\t' before: 'x'".to_owned(),
         );
         assert!(!classify(&rejected).is_transient());
+        let rejected_by_18_16 = clickhouse::error::Error::BadResponse(
+            "Code: 27, e.displayText() = DB::Exception: Cannot parse input, e.what() = DB::Exception"
+                .to_owned(),
+        );
+        assert!(!classify(&rejected_by_18_16).is_transient());
         let overloaded = clickhouse::error::Error::BadResponse(
             "Code: 202. DB::Exception: Too many simultaneous queries".to_owned(),
         );
@@ -173,14 +173,5 @@ mod tests {
             clickhouse::error::Error::BadResponse("<html>502 Bad Gateway</html>".to_owned());
         assert!(classify(&no_code).is_transient());
         assert!(classify(&clickhouse::error::Error::TimedOut).is_transient());
-    }
-
-    #[test]
-    fn reads_exception_codes() {
-        assert_eq!(
-            exception_code("Code: 53. DB::Exception: Type mismatch"),
-            Some(53)
-        );
-        assert_eq!(exception_code("nothing here"), None);
     }
 }

@@ -36,3 +36,33 @@ impl StoreError {
         move |source| StoreError::ClickHouse { doing, source }
     }
 }
+
+/// The exception code of a ClickHouse error answer: `Code: 159, e.displayText() = ...` on
+/// 18.16, `Code: 159. DB::Exception: ...` on later versions. None for an answer without one
+/// (an HTTP gateway's page, say).
+pub fn exception_code(message: &str) -> Option<u32> {
+    let (_, rest) = message.split_once("Code: ")?;
+    let digits = rest
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(rest.len());
+    rest[..digits].parse().ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::exception_code;
+
+    #[test]
+    fn exception_codes_read_in_both_server_forms() {
+        assert_eq!(
+            exception_code("Code: 159, e.displayText() = DB::Exception: Timeout exceeded"),
+            Some(159)
+        );
+        assert_eq!(
+            exception_code("Code: 27. DB::Exception: Cannot parse input"),
+            Some(27)
+        );
+        assert_eq!(exception_code("<html>502 Bad Gateway</html>"), None);
+        assert_eq!(exception_code("Code: x"), None);
+    }
+}

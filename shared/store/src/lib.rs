@@ -7,7 +7,7 @@ pub mod migrations;
 mod rows;
 
 pub use config::{ClickHouseConfig, Compression};
-pub use error::StoreError;
+pub use error::{exception_code, StoreError};
 pub use rows::{
     AuditEventRow, DirectoryTeamRow, DirectoryUserRow, Lineage, DIRECTORY_TEAMS_TABLE,
     DIRECTORY_USERS_TABLE, EVENTS_TABLE,

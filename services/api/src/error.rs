@@ -138,7 +138,7 @@ pub fn from_clickhouse(err: &audit_store::clickhouse::error::Error) -> ApiError 
     use audit_store::clickhouse::error::Error;
     match err {
         Error::Network(_) | Error::TimedOut => ApiError::StoreUnavailable,
-        Error::BadResponse(message) => match exception_code(message) {
+        Error::BadResponse(message) => match audit_store::exception_code(message) {
             // TIMEOUT_EXCEEDED, TOO_SLOW (estimated time over the limit).
             Some(159 | 160) => ApiError::QueryTimeout,
             // TOO_MANY_SIMULTANEOUS_QUERIES, MEMORY_LIMIT_EXCEEDED, and answers without a code
@@ -148,16 +148,6 @@ pub fn from_clickhouse(err: &audit_store::clickhouse::error::Error) -> ApiError 
         },
         other => ApiError::Internal(other.to_string()),
     }
-}
-
-/// The exception code of a ClickHouse error text: `Code: 159, e.displayText() = ...` on 18.16,
-/// `Code: 159. DB::Exception: ...` on later versions.
-fn exception_code(message: &str) -> Option<u32> {
-    let (_, rest) = message.split_once("Code: ")?;
-    let digits = rest
-        .find(|c: char| !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..digits].parse().ok()
 }
 
 #[cfg(test)]

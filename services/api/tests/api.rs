@@ -838,14 +838,20 @@ async fn an_unreachable_store_is_a_clear_503() {
     let response = router.oneshot(request).await.unwrap();
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert!(response.headers().contains_key("retry-after"));
+    let (error, text) = error_body(response).await;
+    assert_eq!(error["error"]["code"], "store_unavailable");
+    assert!(!text.contains("127.0.0.1"));
+    api.stop().await;
+}
+
+/// The JSON error body of an in-process response, and its text.
+async fn error_body(response: axum::response::Response) -> (Value, String) {
     let body = http_body_util::BodyExt::collect(response.into_body())
         .await
         .unwrap()
         .to_bytes();
-    let error: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(error["error"]["code"], "store_unavailable");
-    assert!(!String::from_utf8_lossy(&body).contains("127.0.0.1"));
-    api.stop().await;
+    let text = String::from_utf8_lossy(&body).into_owned();
+    (serde_json::from_slice(&body).unwrap(), text)
 }
 
 /// A query over ClickHouse's time limit is a 504 that names the limit and nothing else. The
@@ -867,13 +873,8 @@ async fn a_clickhouse_timeout_is_a_clear_504() {
         .unwrap_err();
     let response = audit_api::error::from_clickhouse(&err).into_response();
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT, "{err}");
-    let body = http_body_util::BodyExt::collect(response.into_body())
-        .await
-        .unwrap()
-        .to_bytes();
-    let error: Value = serde_json::from_slice(&body).unwrap();
+    let (error, text) = error_body(response).await;
     assert_eq!(error["error"]["code"], "query_timeout");
-    let text = String::from_utf8_lossy(&body);
     assert!(!text.contains("sleep") && !text.contains("Code"), "{text}");
 }
 
@@ -1066,13 +1067,15 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
             .await
             .unwrap()
     };
-    let mut response = api
-        .http
-        .get(format!(
-            "http://127.0.0.1:{port}/api/v1/organization/audit-logs/export?format=csv&from=2025-01-01T00:00:00.007Z"
-        ))
-        .header("X-API-Key", key.secret.expose_secret())
-        .send()
+    let export = |query: &str| {
+        api.http
+            .get(format!(
+                "http://127.0.0.1:{port}/api/v1/organization/audit-logs/export?{query}"
+            ))
+            .header("X-API-Key", key.secret.expose_secret())
+            .send()
+    };
+    let mut response = export("format=csv&from=2025-01-01T00:00:00.007Z")
         .await
         .unwrap();
     assert!(response.chunk().await.unwrap().is_some());
@@ -1091,15 +1094,7 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let mut response = api
-        .http
-        .get(format!(
-            "http://127.0.0.1:{port}/api/v1/organization/audit-logs/export?format=csv"
-        ))
-        .header("X-API-Key", key.secret.expose_secret())
-        .send()
-        .await
-        .unwrap();
+    let mut response = export("format=csv").await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let (mut lines, mut bytes) = (0u64, 0u64);
     while let Some(chunk) = response.chunk().await.unwrap() {

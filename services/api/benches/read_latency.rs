@@ -370,7 +370,7 @@ async fn main() {
         ("total alone, every month counted (month cache off)", 0),
     ] {
         let store = audit_api::store::AuditLogStore::new(
-            client.clone(),
+            &config(),
             &audit_api::config::QueryConfig {
                 count_cache_entries: entries,
                 ..Default::default()

@@ -36,7 +36,7 @@ impl AppState {
     pub fn new(config: &ApiConfig) -> Result<Self, AppError> {
         let metrics = ApiMetrics::new();
         Ok(Self {
-            store: AuditLogStore::new(config.clickhouse.client(), &config.query, metrics.clone()),
+            store: AuditLogStore::new(&config.clickhouse, &config.query, metrics.clone()),
             keys: KeyStore::new(),
             rate_limiter: KeyRateLimiter::new(&config.rate_limit),
             read_events: ReadEventPublisher::new(&config.read_events, metrics.clone())?,

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use audit_store::clickhouse::{self, Row};
-use audit_store::EVENTS_TABLE;
+use audit_store::{ClickHouseConfig, EVENTS_TABLE};
 use serde::Deserialize;
 
 use crate::config::QueryConfig;
@@ -251,20 +251,22 @@ pub struct PageRequest<'a> {
 #[derive(Clone)]
 pub struct AuditLogStore {
     client: clickhouse::Client,
-    export_client: clickhouse::Client,
+    /// Exports open a client of their own from it (see [`Self::export`]).
+    clickhouse: ClickHouseConfig,
+    export_timeout_seconds: u64,
     metrics: ApiMetrics,
     /// Counts and the newest ingest time per month, while the month's parts stay the same.
     partitions: Arc<PartitionCache>,
 }
 
 impl AuditLogStore {
-    pub fn new(client: clickhouse::Client, config: &QueryConfig, metrics: ApiMetrics) -> Self {
+    pub fn new(clickhouse: &ClickHouseConfig, config: &QueryConfig, metrics: ApiMetrics) -> Self {
         Self {
-            export_client: client.clone().with_setting(
-                "max_execution_time",
-                config.export_timeout_seconds.to_string(),
-            ),
-            client: client.with_setting("max_execution_time", config.timeout_seconds.to_string()),
+            client: clickhouse
+                .client()
+                .with_setting("max_execution_time", config.timeout_seconds.to_string()),
+            clickhouse: clickhouse.clone(),
+            export_timeout_seconds: config.export_timeout_seconds,
             metrics,
             partitions: Arc::new(PartitionCache::new(config.count_cache_entries)),
         }
@@ -557,26 +559,36 @@ impl AuditLogStore {
         Ok((distinct().await?, true))
     }
 
-    /// Every matching event, as a cursor read as the client consumes it (exports). Without
-    /// `FINAL`, which would make ClickHouse merge every part of the range before sorting (a
-    /// third of the export time): re-deliveries not merged yet arrive next to each other in
-    /// this order and the body writer drops them (see `stream::body`).
+    /// Every matching event, as a cursor read as the client consumes it (exports), opened by
+    /// the returned function on the thread that will read it: with a client of its own, so that
+    /// the query's connection lives on that thread's runtime (see `stream::start_detached`).
+    /// Without `FINAL`, which would make ClickHouse merge every part of the range before
+    /// sorting (a third of the export time): re-deliveries not merged yet arrive next to each
+    /// other in this order and the body writer drops them (see `stream::chunks`).
     pub fn export(
         &self,
         organization_id: &str,
         filters: &Filters,
         sort: SortOrder,
-    ) -> Result<clickhouse::query::RowCursor<EventRecord>, ApiError> {
+    ) -> impl FnOnce() -> Result<clickhouse::query::RowCursor<EventRecord>, ApiError> + Send + 'static
+    {
         let condition = Condition::scoped(organization_id, filters);
         let sql = format!(
             "SELECT ?fields FROM {EVENTS_TABLE} WHERE {} {}",
             condition.sql,
             Self::order_by(sort),
         );
-        condition
-            .bind(self.export_client.query(&sql))
-            .fetch::<EventRecord>()
-            .map_err(|err| from_clickhouse(&err))
+        let clickhouse = self.clickhouse.clone();
+        let timeout = self.export_timeout_seconds.to_string();
+        move || {
+            let client = clickhouse
+                .client()
+                .with_setting("max_execution_time", timeout);
+            condition
+                .bind(client.query(&sql))
+                .fetch::<EventRecord>()
+                .map_err(|err| from_clickhouse(&err))
+        }
     }
 
     /// Ingest time of the newest stored event, epoch milliseconds (None on an empty table).

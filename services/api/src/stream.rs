@@ -6,7 +6,7 @@
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::stream;
+use futures_util::{stream, Stream, StreamExt};
 use tracing::error;
 
 use audit_store::clickhouse::query::RowCursor;
@@ -112,6 +112,76 @@ pub async fn start(
     format: BodyFormat,
     metrics: ApiMetrics,
 ) -> Result<Body, ApiError> {
+    Ok(Body::from_stream(
+        open_chunks(cursor, format, metrics).await?,
+    ))
+}
+
+/// [`start`] for a long stream (exports), read and encoded on a thread of its own with a
+/// single-threaded runtime: the HTTP client's connection task and the encoder then never wake
+/// each other across threads (on 2 cores those wake-ups cost a sixth of an export's CPU).
+/// `open` runs on that thread, so the query's connection lives there too. Encoded chunks reach
+/// the response through a channel of two; a client that goes away closes it, which ends the
+/// thread and drops the query.
+pub async fn start_detached(
+    open: impl FnOnce() -> Result<RowCursor<EventRecord>, ApiError> + Send + 'static,
+    format: BodyFormat,
+    metrics: ApiMetrics,
+) -> Result<Body, ApiError> {
+    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
+    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(2);
+    let thread = std::thread::Builder::new()
+        .name("audit-api-export".to_owned())
+        .spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build();
+            let runtime = match runtime {
+                Ok(runtime) => runtime,
+                Err(err) => {
+                    let _ = head_tx.send(Err(ApiError::Internal(err.to_string())));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let opened = match open() {
+                    Ok(cursor) => open_chunks(Some(cursor), format, metrics).await,
+                    Err(err) => Err(err),
+                };
+                let chunks = match opened {
+                    Ok(chunks) => chunks,
+                    Err(err) => {
+                        let _ = head_tx.send(Err(err));
+                        return;
+                    }
+                };
+                if head_tx.send(Ok(())).is_err() {
+                    return;
+                }
+                let mut chunks = std::pin::pin!(chunks);
+                while let Some(chunk) = chunks.next().await {
+                    if chunk_tx.send(chunk).await.is_err() {
+                        return; // the client went away
+                    }
+                }
+            });
+        });
+    thread.map_err(|err| ApiError::Internal(format!("cannot start an export thread: {err}")))?;
+    head_rx
+        .await
+        .map_err(|_| ApiError::Internal("the export thread ended before the head".to_owned()))??;
+    let chunks = stream::unfold(chunk_rx, |mut rx| async move {
+        rx.recv().await.map(|chunk| (chunk, rx))
+    });
+    Ok(Body::from_stream(chunks))
+}
+
+/// The chunks for `cursor` (None: no rows), after reading its first row (see [`start`]).
+async fn open_chunks(
+    cursor: Option<RowCursor<EventRecord>>,
+    format: BodyFormat,
+    metrics: ApiMetrics,
+) -> Result<impl Stream<Item = std::io::Result<Bytes>>, ApiError> {
     let (cursor, first) = match cursor {
         Some(mut cursor) => {
             let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
@@ -119,16 +189,16 @@ pub async fn start(
         }
         None => (None, None),
     };
-    Ok(body(cursor, first, format, metrics))
+    Ok(chunks(cursor, first, format, metrics))
 }
 
-/// The body for `cursor`, whose first row (already read) is `first`.
-fn body(
+/// The encoded chunks for `cursor`, whose first row (already read) is `first`.
+fn chunks(
     cursor: Option<RowCursor<EventRecord>>,
     first: Option<EventRecord>,
     format: BodyFormat,
     metrics: ApiMetrics,
-) -> Body {
+) -> impl Stream<Item = std::io::Result<Bytes>> {
     struct State {
         cursor: Option<RowCursor<EventRecord>>,
         pending: Option<EventRecord>,
@@ -215,5 +285,5 @@ fn body(
             }
         }
     });
-    Body::from_stream(chunks)
+    chunks
 }

@@ -831,16 +831,22 @@ async fn an_unreachable_store_is_a_clear_503() {
         .replace(keys::load(&api.client(), None).await.unwrap());
     let router = audit_api::routes::router(state);
     use tower::ServiceExt;
-    let request = axum::http::Request::get("/api/v1/organization/audit-logs")
-        .header("X-API-Key", &key)
-        .body(axum::body::Body::empty())
-        .unwrap();
-    let response = router.oneshot(request).await.unwrap();
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    assert!(response.headers().contains_key("retry-after"));
-    let (error, text) = error_body(response).await;
-    assert_eq!(error["error"]["code"], "store_unavailable");
-    assert!(!text.contains("127.0.0.1"));
+    // A page, and an export (whose query is opened on a thread of its own).
+    for uri in [
+        "/api/v1/organization/audit-logs",
+        "/api/v1/organization/audit-logs/export?format=csv",
+    ] {
+        let request = axum::http::Request::get(uri)
+            .header("X-API-Key", &key)
+            .body(axum::body::Body::empty())
+            .unwrap();
+        let response = router.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE, "{uri}");
+        assert!(response.headers().contains_key("retry-after"));
+        let (error, text) = error_body(response).await;
+        assert_eq!(error["error"]["code"], "store_unavailable");
+        assert!(!text.contains("127.0.0.1"));
+    }
     api.stop().await;
 }
 

@@ -25,6 +25,7 @@ const BIG_ORG: &str = "org_big";
 const ITERATIONS: usize = 40;
 const DEPTH: u64 = 100_000;
 const EXPORT_ROWS_TARGET: u64 = 1_000_000;
+const EXPORT_RUNS: usize = 3;
 
 fn config() -> ClickHouseConfig {
     ClickHouseConfig {
@@ -395,33 +396,45 @@ async fn main() {
         export.base,
         iso(export_from)
     );
-    let started = Instant::now();
-    let mut response = http
-        .get(&url)
-        .header("X-API-Key", &key)
-        .send()
-        .await
-        .unwrap();
-    let (mut lines, mut bytes) = (0u64, 0u64);
-    while let Some(chunk) = response.chunk().await.unwrap() {
-        lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
-        bytes += chunk.len() as u64;
+    // EXPORT_RUNS runs of each, interleaved; medians are reported.
+    let reference_sql = format!(
+        "SELECT * FROM audit_events WHERE organization_id = '{BIG_ORG}' AND occurred_at_ms >= {export_from} \
+         ORDER BY occurred_at_ms DESC, id DESC FORMAT CSVWithNames"
+    );
+    let pid = export.child.id();
+    let (mut export_runs, mut export_cpu, mut reference_runs) =
+        (Vec::new(), Vec::new(), Vec::new());
+    let (mut lines, mut bytes, mut reference_bytes) = (0u64, 0u64, 0usize);
+    for _ in 0..EXPORT_RUNS {
+        let cpu_before = audit_testkit::proc_cpu_seconds(pid).expect("audit-api runs");
+        let started = Instant::now();
+        let mut response = http
+            .get(&url)
+            .header("X-API-Key", &key)
+            .send()
+            .await
+            .unwrap();
+        (lines, bytes) = (0, 0);
+        while let Some(chunk) = response.chunk().await.unwrap() {
+            lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+            bytes += chunk.len() as u64;
+        }
+        export_runs.push(started.elapsed().as_secs_f64());
+        export_cpu.push(audit_testkit::proc_cpu_seconds(pid).expect("audit-api runs") - cpu_before);
+        let started = Instant::now();
+        reference_bytes = clickhouse_post(&http, reference_sql.clone()).await.len();
+        reference_runs.push(started.elapsed().as_secs_f64());
     }
-    let export_seconds = started.elapsed().as_secs_f64();
+    let median = |runs: &mut Vec<f64>| {
+        runs.sort_by(f64::total_cmp);
+        percentile(runs, 0.5)
+    };
+    let export_seconds = median(&mut export_runs);
+    let export_cpu_seconds = median(&mut export_cpu);
+    let reference_seconds = median(&mut reference_runs);
     let export_rows = lines - 1;
     let export_rss = export.peak_rss_mb();
     drop(export);
-    let started = Instant::now();
-    let reference_bytes = clickhouse_post(
-        &http,
-        format!(
-            "SELECT * FROM audit_events WHERE organization_id = '{BIG_ORG}' AND occurred_at_ms >= {export_from} \
-             ORDER BY occurred_at_ms DESC, id DESC FORMAT CSVWithNames"
-        ),
-    )
-    .await
-    .len();
-    let reference_seconds = started.elapsed().as_secs_f64();
 
     println!(
         "# audit-api read benchmark ({} UTC)",
@@ -446,14 +459,14 @@ async fn main() {
         );
     }
     println!();
-    println!("| export | rows | seconds | rows/s | peak RSS MB |");
-    println!("|---|---:|---:|---:|---:|");
+    println!("| export (median of {EXPORT_RUNS} interleaved runs) | rows | seconds | rows/s | audit-api CPU s | peak RSS MB |");
+    println!("|---|---:|---:|---:|---:|---:|");
     println!(
-        "| audit-api CSV export (streamed, de-duplicated) | {export_rows} | {export_seconds:.1} | {:.0} | {export_rss:.0} |",
+        "| audit-api CSV export (streamed, de-duplicated) | {export_rows} | {export_seconds:.2} | {:.0} | {export_cpu_seconds:.2} | {export_rss:.0} |",
         export_rows as f64 / export_seconds
     );
     println!(
-        "| reference: ClickHouse FORMAT CSVWithNames over HTTP (no de-duplication) | {export_rows} | {reference_seconds:.1} | {:.0} | - |",
+        "| reference: ClickHouse FORMAT CSVWithNames over HTTP (no de-duplication) | {export_rows} | {reference_seconds:.2} | {:.0} | - | - |",
         export_rows as f64 / reference_seconds
     );
     println!();

@@ -53,6 +53,17 @@ pub fn proc_status_kb(pid: u32, field: &str) -> Option<u64> {
         .and_then(|kb| kb.parse().ok())
 }
 
+/// CPU time (user + system) a live process has used so far, in seconds, from `/proc/<pid>/stat`
+/// (whose clock ticks are USER_HZ, 100 per second on Linux).
+pub fn proc_cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
 /// The `p` quantile (0..=1, nearest rank) of already sorted values; NaN when there are none.
 pub fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {

@@ -119,7 +119,7 @@ pub async fn start(
 
 /// [`start`] for a long stream (exports), read and encoded on a thread of its own with a
 /// single-threaded runtime: the HTTP client's connection task and the encoder then never wake
-/// each other across threads (on 2 cores those wake-ups cost a sixth of an export's CPU).
+/// each other across threads (on 2 cores those wake-ups were a third of an export's CPU).
 /// `open` runs on that thread, so the query's connection lives there too. Encoded chunks reach
 /// the response through a channel of two; a client that goes away closes it, which ends the
 /// thread and drops the query.

@@ -62,6 +62,11 @@ pub struct Month {
 }
 
 impl Month {
+    /// Whether the whole month lies within `[from, to)`.
+    pub fn within(&self, from_ms: Option<i64>, to_ms: Option<i64>) -> bool {
+        from_ms.is_none_or(|from| from <= self.start_ms) && to_ms.is_none_or(|to| to >= self.end_ms)
+    }
+
     /// Whether any instant of `[from, to)` falls in this month.
     pub fn meets(&self, from_ms: Option<i64>, to_ms: Option<i64>) -> bool {
         from_ms.is_none_or(|from| from < self.end_ms) && to_ms.is_none_or(|to| to > self.start_ms)
@@ -203,33 +208,32 @@ impl PartitionCache {
     }
 
     /// Remembers the values of the plan's missing months (by month id) and returns the
-    /// aggregate over every month of the plan. Months no longer listed are forgotten.
+    /// aggregate over every month of the plan. Other months of the key stay as they were (a
+    /// request may plan only some months); a month no longer listed is never planned, so its
+    /// entry is never used again and goes with its key.
     pub fn complete(&self, key: &AggregateKey, plan: Plan, computed: &[(String, u64)]) -> u64 {
         let computed: HashMap<&str, u64> = computed.iter().map(|(m, v)| (m.as_str(), *v)).collect();
         let total = computed
             .values()
             .fold(plan.known, |acc, v| key.aggregate.combine(acc, *v));
+        if plan.missing.is_empty() {
+            return total;
+        }
         let Some(entries) = &self.entries else {
             return total;
         };
         let Ok(mut entries) = entries.lock() else {
             return total;
         };
-        let previous = entries.get(key).cloned();
-        let remembered = plan
-            .months
-            .iter()
-            .filter_map(|month| {
-                let value = match computed.get(month.id.as_str()) {
-                    Some(v) => *v,
-                    None => {
-                        let &(digest, value) = previous.as_ref()?.get(&month.id)?;
-                        (digest == month.digest).then_some(value)?
-                    }
-                };
-                Some((month.id.clone(), (month.digest, value)))
-            })
-            .collect();
+        let mut remembered = entries
+            .get(key)
+            .map(|known| known.as_ref().clone())
+            .unwrap_or_default();
+        for month in &plan.missing {
+            if let Some(value) = computed.get(month.id.as_str()) {
+                remembered.insert(month.id.clone(), (month.digest, *value));
+            }
+        }
         entries.put(key.clone(), Arc::new(remembered));
         total
     }
@@ -380,6 +384,31 @@ mod tests {
         ];
         aggregated.sort();
         assert_eq!(tables, aggregated);
+    }
+
+    #[test]
+    fn a_request_for_some_months_keeps_the_others() {
+        let cache = PartitionCache::new(10);
+        let both = jan_feb();
+        let plan = cache.plan(&key(), both.clone(), None, None);
+        let computed = vec![("202501".to_owned(), 10), ("202502".to_owned(), 5)];
+        assert_eq!(cache.complete(&key(), plan, &computed), 15);
+        // February changes and is asked for alone; January stays known.
+        let feb = months(&parts(&[("202502", "202502_2_3_1")])).unwrap();
+        let plan = cache.plan(&key(), feb, None, None);
+        assert_eq!(cache.complete(&key(), plan, &[("202502".to_owned(), 6)]), 6);
+        let mut now = both;
+        now[1] = months(&parts(&[("202502", "202502_2_3_1")]))
+            .unwrap()
+            .remove(0);
+        let plan = cache.plan(&key(), now, None, None);
+        assert!(plan.missing.is_empty());
+        assert_eq!(cache.complete(&key(), plan, &[]), 16);
+        // Whole months of a range, and the edges.
+        let (jan, feb) = (&jan_feb()[0], &jan_feb()[1]);
+        assert!(jan.within(None, Some(feb.start_ms)));
+        assert!(!jan.within(Some(jan.start_ms + 1), None));
+        assert!(!feb.within(None, Some(feb.end_ms - 1)));
     }
 
     #[test]

@@ -524,7 +524,7 @@ impl AuditLogStore {
         let months = self.months(table).await?;
         let stored = || async {
             let (n, _) = self
-                .by_month(&condition, Aggregate::Count, months.clone(), span)
+                .stored_count(organization_id, filters, months.clone())
                 .await?;
             Ok::<u64, ApiError>(n)
         };
@@ -536,7 +536,7 @@ impl AuditLogStore {
             // counted just now must still be the merged part it was listed as, since a part
             // written in between could hold a re-delivery that the count included.
             let (n, counted_now) = self
-                .by_month(&condition, Aggregate::Count, months.clone(), span)
+                .stored_count(organization_id, filters, months.clone())
                 .await?;
             let settled = counted_now.is_empty() || {
                 let now = self.months(table).await?.unwrap_or_default();
@@ -605,6 +605,45 @@ impl AuditLogStore {
             )
             .await?;
         Ok((newest > 0).then_some(newest))
+    }
+
+    /// Stored rows matching the filters, per month (see [`Self::by_month`]), and the months
+    /// counted by this call. The months lying wholly within `from`/`to` are counted under the
+    /// filters without the time bounds, so that any range (a poller's moving `to`, say) reuses
+    /// what was counted for its whole months; only the months at its edges are counted with
+    /// the bounds.
+    async fn stored_count(
+        &self,
+        organization_id: &str,
+        filters: &Filters,
+        months: Option<Vec<Month>>,
+    ) -> Result<(u64, Vec<Month>), ApiError> {
+        let span = (filters.from_ms, filters.to_ms);
+        let bounded = Condition::indexed(organization_id, filters);
+        let Some(months) = months else {
+            return self.by_month(&bounded, Aggregate::Count, None, span).await;
+        };
+        let (whole, edges): (Vec<Month>, Vec<Month>) = months
+            .into_iter()
+            .filter(|m| m.meets(span.0, span.1))
+            .partition(|m| m.within(span.0, span.1));
+        let unbounded = Filters {
+            from_ms: None,
+            to_ms: None,
+            ..filters.clone()
+        };
+        let unbounded = Condition::indexed(organization_id, &unbounded);
+        let (mut total, mut counted_now) = self
+            .by_month(&unbounded, Aggregate::Count, Some(whole), (None, None))
+            .await?;
+        if !edges.is_empty() {
+            let (n, counted) = self
+                .by_month(&bounded, Aggregate::Count, Some(edges), span)
+                .await?;
+            total += n;
+            counted_now.extend(counted);
+        }
+        Ok((total, counted_now))
     }
 
     /// The months of `table` from its active parts (one `system.parts` read), or None when it

@@ -954,6 +954,21 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
         .await;
     let page: Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(page["total"], in_february + 8);
+    // A range counts its whole months from what was counted without bounds, and its edge
+    // months with the bounds: from mid-January (an edge), to 1 ms into March (an edge).
+    const MID_JANUARY_MS: i64 = BASE_MS + 14 * 86_400_000;
+    let since_mid_january = bulk
+        .iter()
+        .filter(|r| r.occurred_at_ms >= MID_JANUARY_MS)
+        .count() as u64;
+    assert_eq!(
+        total("limit=1&from=2025-01-15T00:00:00Z").await,
+        (since_mid_january + 8, true)
+    );
+    assert_eq!(
+        total("limit=1&from=2025-01-15T00:00:00Z&to=2025-03-01T00:00:00.001Z").await,
+        (since_mid_january + 5 + 1, true)
+    );
 
     // Below the limit the total is exact, and it follows inserts as well.
     let key_b = api.key("org_b", Role::Admin).await;

@@ -281,6 +281,23 @@ impl AuditLogStore {
         format!("ORDER BY occurred_at_ms {dir}, id {dir}")
     }
 
+    /// Runs a query (`condition` bound into `sql`), timed under `kind` in the metrics.
+    async fn timed<T, F>(
+        &self,
+        kind: &str,
+        condition: &Condition,
+        sql: &str,
+        run: impl FnOnce(clickhouse::query::Query) -> F,
+    ) -> Result<T, ApiError>
+    where
+        F: std::future::Future<Output = clickhouse::error::Result<T>>,
+    {
+        let started = Instant::now();
+        let result = run(condition.bind(self.client.query(sql))).await;
+        self.metrics.observe_query(kind, started);
+        result.map_err(|err| from_clickhouse(&err))
+    }
+
     async fn fetch_all<T>(
         &self,
         kind: &str,
@@ -290,13 +307,8 @@ impl AuditLogStore {
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
-        let started = Instant::now();
-        let result = condition
-            .bind(self.client.query(sql))
-            .fetch_all::<T>()
-            .await;
-        self.metrics.observe_query(kind, started);
-        result.map_err(|err| from_clickhouse(&err))
+        self.timed(kind, condition, sql, |q| q.fetch_all::<T>())
+            .await
     }
 
     /// [`Self::fetch_all`] for a statement that returns exactly one row.
@@ -309,13 +321,8 @@ impl AuditLogStore {
     where
         T: clickhouse::RowOwned + clickhouse::RowRead,
     {
-        let started = Instant::now();
-        let result = condition
-            .bind(self.client.query(sql))
-            .fetch_one::<T>()
-            .await;
-        self.metrics.observe_query(kind, started);
-        result.map_err(|err| from_clickhouse(&err))
+        self.timed(kind, condition, sql, |q| q.fetch_one::<T>())
+            .await
     }
 
     /// Up to `limit + 1` events of the page, in order: their keys first (see

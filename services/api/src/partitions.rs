@@ -37,6 +37,14 @@ impl Aggregate {
         }
     }
 
+    /// The query kind in the metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Aggregate::Count => "count",
+            Aggregate::NewestIngestedAt => "newest_ingested_at",
+        }
+    }
+
     fn combine(self, a: u64, b: u64) -> u64 {
         match self {
             Aggregate::Count => a.saturating_add(b),
@@ -147,15 +155,8 @@ pub struct Plan {
     pub known: u64,
     /// Months to compute (changed, or never computed for this key).
     pub missing: Vec<Month>,
-    /// Months the request covers, to remember with the computed ones.
-    months: Vec<Month>,
-}
-
-impl Plan {
     /// Months taken from the cache.
-    pub fn reused(&self) -> usize {
-        self.months.len() - self.missing.len()
-    }
+    pub reused: usize,
 }
 
 /// Month id -> (digest of its parts, value) for one key.
@@ -182,10 +183,7 @@ impl PartitionCache {
         from_ms: Option<i64>,
         to_ms: Option<i64>,
     ) -> Plan {
-        let months: Vec<Month> = months
-            .into_iter()
-            .filter(|m| m.meets(from_ms, to_ms))
-            .collect();
+        let months = months.into_iter().filter(|m| m.meets(from_ms, to_ms));
         let known_values = self
             .entries
             .as_ref()
@@ -193,16 +191,16 @@ impl PartitionCache {
         let mut plan = Plan {
             known: 0,
             missing: Vec::new(),
-            months: Vec::new(),
+            reused: 0,
         };
         for month in months {
             match known_values.as_ref().and_then(|k| k.get(&month.id)) {
                 Some(&(digest, value)) if digest == month.digest => {
                     plan.known = key.aggregate.combine(plan.known, value);
+                    plan.reused += 1;
                 }
-                _ => plan.missing.push(month.clone()),
+                _ => plan.missing.push(month),
             }
-            plan.months.push(month);
         }
         plan
     }

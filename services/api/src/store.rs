@@ -529,12 +529,7 @@ impl AuditLogStore {
         let distinct = || self.fetch_one::<u64>("count_distinct", &condition, &distinct_sql);
         let span = (filters.from_ms, filters.to_ms);
         let months = self.months(table).await?;
-        let stored = || async {
-            let (n, _) = self
-                .stored_count(organization_id, filters, months.clone())
-                .await?;
-            Ok::<u64, ApiError>(n)
-        };
+        let stored = || self.stored_count(organization_id, filters, &condition, months.clone());
         if months
             .as_deref()
             .is_some_and(|m| partitions::all_merged(m, span.0, span.1))
@@ -542,9 +537,7 @@ impl AuditLogStore {
             // No month in range can hold a re-delivery: the stored rows are the events. A month
             // counted just now must still be the merged part it was listed as, since a part
             // written in between could hold a re-delivery that the count included.
-            let (n, counted_now) = self
-                .stored_count(organization_id, filters, months.clone())
-                .await?;
+            let (n, counted_now) = stored().await?;
             let settled = counted_now.is_empty() || {
                 let now = self.months(table).await?.unwrap_or_default();
                 counted_now.iter().all(|month| now.contains(month))
@@ -557,9 +550,9 @@ impl AuditLogStore {
             if n <= EXACT_TOTAL_LIMIT {
                 return Ok((n, true));
             }
-            return Ok((stored().await?, false));
+            return Ok((stored().await?.0, false));
         }
-        let n = stored().await?;
+        let (n, _) = stored().await?;
         if n > EXACT_TOTAL_LIMIT || n == 0 {
             return Ok((n, n == 0));
         }
@@ -615,20 +608,20 @@ impl AuditLogStore {
     }
 
     /// Stored rows matching the filters, per month (see [`Self::by_month`]), and the months
-    /// counted by this call. The months lying wholly within `from`/`to` are counted under the
-    /// filters without the time bounds, so that any range (a poller's moving `to`, say) reuses
-    /// what was counted for its whole months; only the months at its edges are counted with
-    /// the bounds.
+    /// counted by this call. `bounded` is `Condition::indexed` of the filters. The months lying
+    /// wholly within `from`/`to` are counted under the filters without the time bounds, so that
+    /// any range (a poller's moving `to`, say) reuses what was counted for its whole months;
+    /// only the months at its edges are counted with the bounds.
     async fn stored_count(
         &self,
         organization_id: &str,
         filters: &Filters,
+        bounded: &Condition,
         months: Option<Vec<Month>>,
     ) -> Result<(u64, Vec<Month>), ApiError> {
         let span = (filters.from_ms, filters.to_ms);
-        let bounded = Condition::indexed(organization_id, filters);
         let Some(months) = months else {
-            return self.by_month(&bounded, Aggregate::Count, None, span).await;
+            return self.by_month(bounded, Aggregate::Count, None, span).await;
         };
         let (whole, edges): (Vec<Month>, Vec<Month>) = months
             .into_iter()
@@ -645,7 +638,7 @@ impl AuditLogStore {
             .await?;
         if !edges.is_empty() {
             let (n, counted) = self
-                .by_month(&bounded, Aggregate::Count, Some(edges), span)
+                .by_month(bounded, Aggregate::Count, Some(edges), span)
                 .await?;
             total += n;
             counted_now.extend(counted);
@@ -682,10 +675,7 @@ impl AuditLogStore {
         (from_ms, to_ms): (Option<i64>, Option<i64>),
     ) -> Result<(u64, Vec<Month>), ApiError> {
         let table = condition.table();
-        let kind = match aggregate {
-            Aggregate::Count => "count",
-            Aggregate::NewestIngestedAt => "newest_ingested_at",
-        };
+        let kind = aggregate.label();
         let rows = if condition.sql.is_empty() {
             "1"
         } else {
@@ -701,8 +691,7 @@ impl AuditLogStore {
             condition: format!("{} {:?}", condition.sql, condition.values),
         };
         let plan = self.partitions.plan(&key, months, from_ms, to_ms);
-        self.metrics
-            .observe_months(plan.reused(), plan.missing.len());
+        self.metrics.observe_months(plan.reused, plan.missing.len());
         if plan.missing.is_empty() {
             return Ok((self.partitions.complete(&key, plan, &[]), Vec::new()));
         }

@@ -94,6 +94,15 @@ impl TestApi {
         insert.end().await.unwrap();
     }
 
+    /// `total` and `X-Total-Count-Exact` of a 200 JSON page.
+    async fn total(&self, key: &str, query: &str) -> (u64, bool) {
+        let (status, headers, body) = self.get(key, query).await;
+        assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+        let page: Value = serde_json::from_slice(&body).unwrap();
+        let exact = headers["x-total-count-exact"].to_str().unwrap() == "true";
+        (page["total"].as_u64().unwrap(), exact)
+    }
+
     /// The Prometheus exposition of `/metrics`.
     async fn metrics(&self) -> String {
         let response = self.http.get(self.url("/metrics", "")).send().await;
@@ -893,17 +902,7 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
     const MAR_MS: i64 = 1_740_787_200_000; // 2025-03-01T00:00:00Z
     let api = TestApi::spawn("totals").await;
     let key = api.key("org_a", Role::Admin).await;
-    let total = |query: &'static str| {
-        let api = &api;
-        let key = &key;
-        async move {
-            let (status, headers, body) = api.get(key, query).await;
-            assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
-            let page: Value = serde_json::from_slice(&body).unwrap();
-            let exact = headers["x-total-count-exact"].to_str().unwrap() == "true";
-            (page["total"].as_u64().unwrap(), exact)
-        }
-    };
+    let total = |query: &'static str| api.total(&key, query);
     // No background merge may collapse a re-delivery before the test looks at it.
     let merges = |verb: &'static str| {
         let client = api.client();
@@ -949,11 +948,8 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
         .unwrap();
     // Now every month is one merged part, where no re-delivery can hide: exact at any size.
     assert_eq!(total("limit=1").await, (110_008, true));
-    let (_, _, body) = api
-        .get(&key, "limit=1&from=2025-02-01T00:00:00Z&actorId=usr_admin")
-        .await;
-    let page: Value = serde_json::from_slice(&body).unwrap();
-    assert_eq!(page["total"], in_february + 8);
+    let by_actor = total("limit=1&from=2025-02-01T00:00:00Z&actorId=usr_admin").await;
+    assert_eq!(by_actor.0, in_february + 8);
     // A range counts its whole months from what was counted without bounds, and its edge
     // months with the bounds: from mid-January (an edge), to 1 ms into March (an edge).
     const MID_JANUARY_MS: i64 = BASE_MS + 14 * 86_400_000;
@@ -972,15 +968,9 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
 
     // Below the limit the total is exact, and it follows inserts as well.
     let key_b = api.key("org_b", Role::Admin).await;
-    let b_total = || async {
-        let (_, headers, body) = api.get(&key_b, "limit=1").await;
-        let page: Value = serde_json::from_slice(&body).unwrap();
-        assert_eq!(headers["x-total-count-exact"], "true");
-        page["total"].as_u64().unwrap()
-    };
-    assert_eq!(b_total().await, 20);
+    assert_eq!(api.total(&key_b, "limit=1").await, (20, true));
     api.insert(&[event("org_b", "late", MAR_MS + 99)]).await;
-    assert_eq!(b_total().await, 21);
+    assert_eq!(api.total(&key_b, "limit=1").await, (21, true));
 
     let metrics = api.metrics().await;
     assert!(

@@ -9,12 +9,10 @@ use bytes::Bytes;
 use futures_util::{stream, Stream, StreamExt};
 use tracing::error;
 
-use audit_store::clickhouse::query::RowCursor;
-
 use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
 use crate::render::{write_csv_row, EventItem, CSV_HEADER};
-use crate::store::EventRecord;
+use crate::store::{EventCursor, EventRecord};
 
 const CHUNK_BYTES: usize = 64 * 1024;
 
@@ -48,6 +46,8 @@ struct Encoder {
     csv: csv::Writer<Vec<u8>>,
     /// NDJSON: the chunk being filled.
     ndjson: Vec<u8>,
+    /// CSV: the `changes` cell of the row being written.
+    scratch: Vec<u8>,
 }
 
 fn csv_writer() -> csv::Writer<Vec<u8>> {
@@ -62,6 +62,7 @@ impl Encoder {
             format,
             csv: csv_writer(),
             ndjson: Vec::new(),
+            scratch: Vec::new(),
         }
     }
 
@@ -72,9 +73,9 @@ impl Encoder {
         Ok(())
     }
 
-    fn row(&mut self, record: EventRecord) -> std::io::Result<()> {
+    fn row(&mut self, record: &EventRecord<'_>) -> std::io::Result<()> {
         match self.format {
-            BodyFormat::Csv => write_csv_row(&mut self.csv, &record)?,
+            BodyFormat::Csv => write_csv_row(&mut self.csv, record, &mut self.scratch)?,
             BodyFormat::Ndjson => {
                 serde_json::to_writer(&mut self.ndjson, &EventItem::from(record))?;
                 self.ndjson.push(b'\n');
@@ -108,7 +109,7 @@ impl Encoder {
 /// The body for `cursor` (None: no rows). Its first row is read here, before the head is sent,
 /// so that a query that fails at once gets its proper error status instead of a broken 200.
 pub async fn start(
-    cursor: Option<RowCursor<EventRecord>>,
+    cursor: Option<EventCursor>,
     format: BodyFormat,
     metrics: ApiMetrics,
 ) -> Result<Body, ApiError> {
@@ -124,7 +125,7 @@ pub async fn start(
 /// the response through a channel of two; a client that goes away closes it, which ends the
 /// thread and drops the query.
 pub async fn start_detached(
-    open: impl FnOnce() -> Result<RowCursor<EventRecord>, ApiError> + Send + 'static,
+    open: impl FnOnce() -> Result<EventCursor, ApiError> + Send + 'static,
     format: BodyFormat,
     metrics: ApiMetrics,
 ) -> Result<Body, ApiError> {
@@ -176,99 +177,103 @@ pub async fn start_detached(
     Ok(Body::from_stream(chunks))
 }
 
-/// The chunks for `cursor` (None: no rows), after reading its first row (see [`start`]).
+/// The chunks for `cursor` (None: no rows), after reading and encoding its first row (see
+/// [`start`]).
 async fn open_chunks(
-    cursor: Option<RowCursor<EventRecord>>,
+    cursor: Option<EventCursor>,
     format: BodyFormat,
     metrics: ApiMetrics,
 ) -> Result<impl Stream<Item = std::io::Result<Bytes>>, ApiError> {
-    let (cursor, first) = match cursor {
-        Some(mut cursor) => {
-            let first = cursor.next().await.map_err(|err| from_clickhouse(&err))?;
-            (Some(cursor), first)
-        }
-        None => (None, None),
-    };
-    Ok(chunks(cursor, first, format, metrics))
-}
-
-/// The encoded chunks for `cursor`, whose first row (already read) is `first`.
-fn chunks(
-    cursor: Option<RowCursor<EventRecord>>,
-    first: Option<EventRecord>,
-    format: BodyFormat,
-    metrics: ApiMetrics,
-) -> impl Stream<Item = std::io::Result<Bytes>> {
-    struct State {
-        cursor: Option<RowCursor<EventRecord>>,
-        pending: Option<EventRecord>,
-        encoder: Encoder,
-        started: bool,
-        done: bool,
-        metrics: ApiMetrics,
-        /// (time, id) of the last row written: rows arrive sorted, so a re-delivery not merged
-        /// yet comes right after its twin and is skipped.
-        last: Option<(i64, String)>,
-    }
-    let state = State {
+    let mut state = State {
         cursor,
-        pending: first,
         encoder: Encoder::new(format),
-        started: false,
         done: false,
+        sent_last: false,
         metrics,
         last: None,
+        rows: 0,
     };
-    let chunks = stream::unfold(state, |mut s| async move {
-        if s.done {
+    state
+        .encoder
+        .header()
+        .map_err(|err| ApiError::Internal(format!("cannot encode a row: {err}")))?;
+    state.next_row().await.map_err(|err| match err {
+        RowError::Store(err) => from_clickhouse(&err),
+        RowError::Encode(err) => ApiError::Internal(format!("cannot encode a row: {err}")),
+    })?;
+    Ok(chunks(state))
+}
+
+enum RowError {
+    Store(audit_store::clickhouse::error::Error),
+    Encode(std::io::Error),
+}
+
+struct State {
+    cursor: Option<EventCursor>,
+    encoder: Encoder,
+    /// The cursor is exhausted (or failed).
+    done: bool,
+    /// The chunk holding the last rows went out.
+    sent_last: bool,
+    metrics: ApiMetrics,
+    /// (time, id) of the last row written: rows arrive sorted, so a re-delivery not merged yet
+    /// comes right after its twin and is skipped. The id's buffer is reused row after row.
+    last: Option<(i64, String)>,
+    /// Rows encoded into the chunk being filled.
+    rows: u64,
+}
+
+impl State {
+    /// Reads the next row and encodes it unless it is a twin of the last; `done` at the end.
+    async fn next_row(&mut self) -> Result<(), RowError> {
+        let Some(cursor) = self.cursor.as_mut() else {
+            self.done = true;
+            return Ok(());
+        };
+        let Some(record) = cursor.next().await.map_err(RowError::Store)? else {
+            self.done = true;
+            return Ok(());
+        };
+        match &mut self.last {
+            Some((t, id)) if *t == record.occurred_at_ms && id == record.id => return Ok(()),
+            Some((t, id)) => {
+                *t = record.occurred_at_ms;
+                id.clear();
+                id.push_str(record.id);
+            }
+            None => self.last = Some((record.occurred_at_ms, record.id.to_owned())),
+        }
+        self.encoder.row(&record).map_err(RowError::Encode)?;
+        self.rows += 1;
+        Ok(())
+    }
+}
+
+/// The encoded chunks of `state`, about [`CHUNK_BYTES`] each.
+fn chunks(state: State) -> impl Stream<Item = std::io::Result<Bytes>> {
+    stream::unfold(state, |mut s| async move {
+        if s.sent_last {
             return None;
         }
         let label = s.encoder.format.label();
-        let mut rows = 0u64;
-        let result: std::io::Result<()> = async {
-            if !s.started {
-                s.started = true;
-                s.encoder.header()?;
-            }
-            if let Some(record) = s.pending.take() {
-                s.last = Some((record.occurred_at_ms, record.id.clone()));
-                s.encoder.row(record)?;
-                rows += 1;
-            }
-            while s.encoder.len() < CHUNK_BYTES {
-                let Some(cursor) = s.cursor.as_mut() else {
-                    s.done = true;
-                    break;
-                };
-                match cursor.next().await {
-                    Ok(Some(record)) => {
-                        let twin = s
-                            .last
-                            .as_ref()
-                            .is_some_and(|(t, id)| *t == record.occurred_at_ms && *id == record.id);
-                        if !twin {
-                            s.last = Some((record.occurred_at_ms, record.id.clone()));
-                            s.encoder.row(record)?;
-                            rows += 1;
-                        }
-                    }
-                    Ok(None) => {
-                        s.done = true;
-                        break;
-                    }
-                    Err(err) => {
+        let mut result = Ok(());
+        while !s.done && s.encoder.len() < CHUNK_BYTES {
+            if let Err(err) = s.next_row().await {
+                result = Err(match err {
+                    RowError::Store(err) => {
                         error!(error = %err, "export stream failed after the response started");
-                        return Err(std::io::Error::other(
-                            "the audit log store failed mid-stream",
-                        ));
+                        std::io::Error::other("the audit log store failed mid-stream")
                     }
-                }
+                    RowError::Encode(err) => err,
+                });
+                break;
             }
-            Ok(())
         }
-        .await;
+        s.sent_last = s.done || result.is_err();
         match result.and_then(|()| s.encoder.take()) {
             Ok(chunk) => {
+                let rows = std::mem::take(&mut s.rows);
                 s.metrics
                     .rows_streamed
                     .with_label_values(&[label])
@@ -280,10 +285,9 @@ fn chunks(
                 Some((Ok::<Bytes, std::io::Error>(chunk), s))
             }
             Err(err) => {
-                s.done = true;
+                s.sent_last = true;
                 Some((Err(err), s))
             }
         }
-    });
-    chunks
+    })
 }

@@ -42,9 +42,16 @@ pub async fn list(
         offset: query.offset,
         cursor: query.cursor.as_ref(),
     };
-    let limit = query.limit as usize;
-    let next_cursor = |last: Option<(i64, String)>| {
-        last.map(|(occurred_at_ms, id)| {
+    let (mut keys, (total, exact)) = tokio::try_join!(
+        state.store.page_keys(&page),
+        state.store.count(org, &query.filters)
+    )?;
+    let more = keys.len() > query.limit as usize;
+    keys.truncate(query.limit as usize);
+    let next_cursor = more
+        .then(|| keys.last().cloned())
+        .flatten()
+        .map(|(occurred_at_ms, id)| {
             Cursor {
                 sort: query.sort,
                 occurred_at_ms,
@@ -52,17 +59,10 @@ pub async fn list(
                 filters: query.filters.fingerprint(query.sort),
             }
             .encode()
-        })
-    };
-    let (mut response, total, exact) = match query.format {
+        });
+    let mut response = match query.format {
         PageFormat::Json => {
-            let (mut rows, (total, exact)) = tokio::try_join!(
-                state.store.page(&page),
-                state.store.count(org, &query.filters)
-            )?;
-            let more = rows.len() > limit;
-            rows.truncate(limit);
-            let last = rows.last().map(|r| (r.occurred_at_ms, r.id.clone()));
+            let items = state.store.page_rows(org, query.sort, &keys).await?;
             let body = PageBody {
                 total,
                 limit: query.limit,
@@ -71,30 +71,19 @@ pub async fn list(
                 } else {
                     query.offset
                 },
-                next_cursor: if more { next_cursor(last) } else { None },
-                items: rows.into_iter().map(EventItem::from).collect(),
+                next_cursor,
+                items,
             };
-            (Json(body).into_response(), total, exact)
+            Json(body).into_response()
         }
         PageFormat::Csv => {
-            let (mut keys, (total, exact)) = tokio::try_join!(
-                state.store.page_keys(&page),
-                state.store.count(org, &query.filters)
-            )?;
-            let more = keys.len() > limit;
-            keys.truncate(limit);
-            let cursor_header = if more {
-                next_cursor(keys.last().cloned())
-            } else {
-                None
-            };
             let cursor = state.store.page_rows_cursor(org, query.sort, &keys)?;
             let body = stream::start(cursor, BodyFormat::Csv, state.metrics.clone()).await?;
             let mut headers = download_headers(&query.filters, BodyFormat::Csv);
-            if let Some(cursor) = cursor_header.and_then(|c| HeaderValue::from_str(&c).ok()) {
+            if let Some(cursor) = next_cursor.and_then(|c| HeaderValue::from_str(&c).ok()) {
                 headers.insert("x-next-cursor", cursor);
             }
-            ((headers, body).into_response(), total, exact)
+            (headers, body).into_response()
         }
     };
     let headers = response.headers_mut();

@@ -58,6 +58,9 @@ pub struct QueryConfig {
     /// Filter combinations whose per-month stored-row counts are kept between requests (least
     /// recently used dropped first; 0 counts every month on every request).
     pub count_cache_entries: usize,
+    /// Stored rows an export reads per query, ordered by the service (0: one query for the whole
+    /// export, sorted by ClickHouse). Memory of a running export grows with it (~400 bytes a row).
+    pub export_window_rows: u64,
 }
 
 impl Default for QueryConfig {
@@ -66,6 +69,7 @@ impl Default for QueryConfig {
             timeout_seconds: 10,
             export_timeout_seconds: 0,
             count_cache_entries: 2_000,
+            export_window_rows: 16_384,
         }
     }
 }

@@ -16,6 +16,7 @@ pub mod render;
 pub mod routes;
 pub mod store;
 pub mod stream;
+pub mod windows;
 
 pub use app::{AppState, Application};
 pub use config::ApiConfig;

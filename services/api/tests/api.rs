@@ -497,6 +497,85 @@ async fn ties_redeliveries_and_cursors() {
     api.stop().await;
 }
 
+/// Exports read their range in windows of a few stored rows here (`export_window_rows` 4), each
+/// ordered by the service: the same events in the same order as the pages, both ways, with ties
+/// broken by id across and within windows, re-deliveries (stored as parts of their own) shown
+/// once, and an hour holding more rows than a window sorted by ClickHouse in its turn.
+#[tokio::test]
+async fn exports_read_in_windows_keep_the_page_order() {
+    let api = TestApi::spawn_with("windows", |c| c.query.export_window_rows = 4).await;
+    let key = api.key("org_a", Role::Admin).await;
+    const HOUR: i64 = 3_600_000;
+    // 30 events over 12 hours, three per millisecond at times repeated in several hours; hour 5
+    // holds 9 of them (more than a window).
+    let rows: Vec<AuditEventRow> = (0..30)
+        .map(|n| {
+            let hour = if n < 9 { 5 } else { n % 12 };
+            event(
+                "org_a",
+                &format!("w{:02}", 29 - n),
+                BASE_MS + hour * HOUR + (n % 3) * 1000,
+            )
+        })
+        .collect();
+    // Inserted in an order of their own, then partly delivered again.
+    let mut shuffled = rows.clone();
+    shuffled.sort_by_key(|r| r.id.bytes().rev().collect::<Vec<u8>>());
+    api.insert(&shuffled).await;
+    let mut again: Vec<AuditEventRow> = rows.iter().step_by(4).cloned().collect();
+    for row in &mut again {
+        row.ingested_at_ms = 2;
+    }
+    api.insert(&again).await;
+
+    for sort in ["desc", "asc"] {
+        let page = api.page(&key, &format!("limit=1000&sort={sort}")).await;
+        let expected = ids(&page);
+        assert_eq!(expected.len(), 30);
+        let (status, _, body) = api
+            .get_path(
+                &key,
+                "/api/v1/organization/audit-logs/export",
+                &format!("format=ndjson&sort={sort}"),
+            )
+            .await;
+        assert_eq!(status, StatusCode::OK);
+        let ndjson: Vec<String> = body
+            .split(|b| *b == b'\n')
+            .filter(|l| !l.is_empty())
+            .map(|l| {
+                serde_json::from_slice::<Value>(l).unwrap()["id"]
+                    .as_str()
+                    .unwrap()
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(ndjson, expected, "ndjson export, sort={sort}");
+        let body = api
+            .get_path(
+                &key,
+                "/api/v1/organization/audit-logs/export",
+                &format!("format=csv&sort={sort}&from=2025-01-01T03:00:00Z"),
+            )
+            .await
+            .2;
+        let csv_ids: Vec<String> = csv::Reader::from_reader(&body[..])
+            .records()
+            .map(|r| r.unwrap()[0].to_owned())
+            .collect();
+        let in_range: Vec<String> = page["items"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|item| item["timestamp"].as_str().unwrap() >= "2025-01-01T03:00:00.000Z")
+            .map(|item| item["id"].as_str().unwrap().to_owned())
+            .collect();
+        assert!(in_range.len() < 30 && in_range.len() > 9);
+        assert_eq!(csv_ids, in_range, "csv export from 03:00, sort={sort}");
+    }
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn csv_matches_json_and_is_safe_for_spreadsheets() {
     let api = TestApi::spawn("csv").await;
@@ -1026,24 +1105,30 @@ fn peak_rss_kb(pid: u32) -> u64 {
 }
 
 /// The real binary streams a 1,000,000-row CSV export with flat memory: the body is produced as
-/// the client reads, never held.
+/// the client reads, never held whole. The rows lie 5 s apart (58 days), so the export reads
+/// them in some 30 windows each held and ordered by the service; the 200,000 rows of `org_hour`
+/// lie within one hour, a window ClickHouse sorts and the service streams as it comes.
 #[tokio::test]
 async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_client() {
     const ROWS: u64 = 1_000_000;
     const BOUND_MB: u64 = 64;
     let api = TestApi::spawn("bigexport").await;
-    api.client()
-        .query(
-            "INSERT INTO audit_events SELECT 'org_big', 1735689600000 + number, concat('e', toString(number)), \
-             'user.created', 'usr_admin', 'user', 'ada@acme.example', 'Ada Admin', 'user', concat('usr_', toString(number)), \
-             NULL, NULL, NULL, '[{\"field\":\"role\",\"newValue\":\"admin\"}]', '203.0.113.7', 'curl/8', NULL, NULL, \
-             '{\"k\":1}', 'identity.users.v1', 0, number, 1 FROM system.numbers LIMIT 1000000",
-        )
-        .execute()
-        .await
-        .unwrap();
+    for (org, rows, step_ms) in [("org_big", ROWS, 5_000), ("org_hour", 200_000, 1)] {
+        api.client()
+            .query(&format!(
+                "INSERT INTO audit_events SELECT '{org}', 1735689600000 + number * {step_ms}, concat('e', toString(number)), \
+                 'user.created', 'usr_admin', 'user', 'ada@acme.example', 'Ada Admin', 'user', concat('usr_', toString(number)), \
+                 NULL, NULL, NULL, '[{{\"field\":\"role\",\"newValue\":\"admin\"}}]', '203.0.113.7', 'curl/8', NULL, NULL, \
+                 '{{\"k\":1}}', 'identity.users.v1', 0, number, 1 FROM system.numbers LIMIT {rows}",
+            ))
+            .execute()
+            .await
+            .unwrap();
+    }
     let key = keys::generate("org_big", Role::Admin, "export");
     keys::create(&api.client(), &key).await.unwrap();
+    let hour_key = keys::generate("org_hour", Role::Admin, "export");
+    keys::create(&api.client(), &hour_key).await.unwrap();
 
     let port = std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
@@ -1078,7 +1163,7 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
             .await
             .unwrap()
     };
-    let export = |query: &str| {
+    let export = |key: &keys::CreatedKey, query: &str| {
         api.http
             .get(format!(
                 "http://127.0.0.1:{port}/api/v1/organization/audit-logs/export?{query}"
@@ -1086,7 +1171,7 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
             .header("X-API-Key", key.secret.expose_secret())
             .send()
     };
-    let mut response = export("format=csv&from=2025-01-01T00:00:00.007Z")
+    let mut response = export(&hour_key, "format=csv&from=2025-01-01T00:00:00.007Z")
         .await
         .unwrap();
     assert!(response.chunk().await.unwrap().is_some());
@@ -1105,10 +1190,15 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
-    let mut response = export("format=csv").await.unwrap();
+    let mut response = export(&key, "format=csv").await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let (mut lines, mut bytes) = (0u64, 0u64);
     while let Some(chunk) = response.chunk().await.unwrap() {
+        if lines == 0 {
+            let text = String::from_utf8_lossy(&chunk);
+            let newest = text.lines().nth(1).unwrap();
+            assert!(newest.starts_with("e999999,"), "newest first: {newest}");
+        }
         lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
         bytes += chunk.len() as u64;
     }

@@ -59,7 +59,7 @@ pub struct QueryConfig {
     /// recently used dropped first; 0 counts every month on every request).
     pub count_cache_entries: usize,
     /// Stored rows an export reads per query, ordered by the service (0: one query for the whole
-    /// export, sorted by ClickHouse). Memory of a running export grows with it (~400 bytes a row).
+    /// export, sorted by ClickHouse). A running export holds two windows (~400 bytes a row each).
     pub export_window_rows: u64,
 }
 
@@ -69,7 +69,7 @@ impl Default for QueryConfig {
             timeout_seconds: 10,
             export_timeout_seconds: 0,
             count_cache_entries: 2_000,
-            export_window_rows: 16_384,
+            export_window_rows: 32_768,
         }
     }
 }

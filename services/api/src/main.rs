@@ -6,11 +6,6 @@ use audit_api::{keys, ApiConfig, Application};
 use clap::Parser;
 use secrecy::ExposeSecret;
 
-/// mimalloc: less time in malloc/free and less fragmentation than glibc's allocator under
-/// the many short-lived strings of row decoding.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> ExitCode {
     audit_runtime::exit_code("audit-api", run(Cli::parse()).await)

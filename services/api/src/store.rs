@@ -58,14 +58,16 @@ pub struct EventRecord<'a> {
 pub type EventCursor = clickhouse::query::RowCursor<EventRecord<'static>>;
 
 /// The queries of one export (see [`AuditLogStore::export`]). ClickHouse 18.16 sorts every row
-/// of a query before it sends the first (no read-in-order), and sorting full rows costs more than
-/// reading them: for a million rows of the benchmark, 1.0 s of the 1.6-2.3 s a sorted read
-/// takes, against 0.15 s to read them unsorted. So an export reads its range in time windows
-/// of a few ten thousand rows, each without `ORDER BY`, and the service orders each window (see
-/// `stream::start_detached`); [`Self::hours`] sizes the windows. Without `FINAL` either: it
+/// of a query before it sends the first (no read-in-order), and sorting full rows costs it more
+/// than reading them: a million rows of the benchmark take 1.0-1.3 s sorted against 0.15 s
+/// unsorted (`FORMAT Null`). So an export reads its range in time windows of a few ten thousand
+/// rows, each without `ORDER BY`, and the service orders each window (see
+/// `stream::start_export`); [`Self::hours`] sizes the windows. Without `FINAL` either: it
 /// would merge every part of the range first; re-deliveries not merged yet are dropped as
-/// twins by the body writer, since they share (time, id) and land in the same window.
+/// twins when the window is put in order, since they share (time, id) and so their window.
+#[derive(Clone)]
 pub struct ExportSource {
+    clickhouse: ClickHouseConfig,
     client: clickhouse::Client,
     condition: Condition,
     pub sort: SortOrder,
@@ -76,6 +78,15 @@ pub struct ExportSource {
 }
 
 impl ExportSource {
+    /// The same source with a client (and connection pool) of its own: a reader thread opens
+    /// its connections on its own runtime, so that they never wake another thread.
+    pub fn with_own_client(&self) -> Self {
+        Self {
+            client: self.clickhouse.client(),
+            ..self.clone()
+        }
+    }
+
     /// Stored rows per hour of the export's range (hours since the epoch, ascending).
     pub async fn hours(&self) -> Result<Vec<(i64, u64)>, ApiError> {
         let sql = format!(
@@ -658,24 +669,20 @@ impl AuditLogStore {
         Ok((distinct().await?, true))
     }
 
-    /// What an export reads, opened by the returned function on the thread that will read it:
-    /// with a client of its own, so that the queries' connections live on that thread's runtime
-    /// (see `stream::start_detached`).
+    /// What an export reads (see [`ExportSource`]).
     pub fn export(
         &self,
         organization_id: &str,
         filters: &Filters,
         sort: SortOrder,
-    ) -> impl FnOnce() -> ExportSource + Send + 'static {
-        let condition = Condition::scoped(organization_id, filters);
-        let clickhouse = self.clickhouse.clone();
+    ) -> ExportSource {
         let timeout = self.export_timeout_seconds;
-        let window_rows = self.export_window_rows;
-        move || ExportSource {
-            client: clickhouse.client(),
-            condition,
+        ExportSource {
+            clickhouse: self.clickhouse.clone(),
+            client: self.clickhouse.client(),
+            condition: Condition::scoped(organization_id, filters),
             sort,
-            window_rows,
+            window_rows: self.export_window_rows,
             deadline: (timeout > 0).then(|| Instant::now() + Duration::from_secs(timeout)),
         }
     }

@@ -167,65 +167,162 @@ pub async fn start(
     ))
 }
 
-/// An export's body, read and encoded on a thread of its own with a single-threaded runtime:
-/// the HTTP client's connection task and the encoder then never wake each other across threads
-/// (on 2 cores those wake-ups were a third of an export's CPU). `open` runs on that thread, so
-/// the queries' connections live there too. The export's hours are counted before the head is
-/// sent, so that a store that fails at once gets its proper error status; then its windows
-/// (see [`windows::plan`]) are read one after the other. Encoded chunks reach the response
-/// through a channel of two; a client that goes away closes it, which ends the thread and drops
-/// the query being read.
-pub async fn start_detached(
-    open: impl FnOnce() -> ExportSource + Send + 'static,
+/// Threads reading an export's windows side by side: window k is read by reader k % READERS,
+/// so one reader fetches and encodes the next window while the response sends the other's.
+const READERS: usize = 2;
+
+/// What a reader hands the response, window after window.
+enum Piece {
+    /// Encoded rows (`.1` of them), in order.
+    Rows(Bytes, u64),
+    /// The reader's current window is complete.
+    WindowEnd,
+    Failed(ExportError),
+}
+
+/// An export's body. Its rows are counted per hour first (a store that fails at once then gets
+/// its proper error status), then read in windows (see [`windows::plan`]) by [`READERS`]
+/// threads, each with a single-threaded runtime and its own connection: the HTTP client's
+/// connection task and the encoder then never wake each other across threads (on 2 cores such
+/// wake-ups had been a third of an export's CPU). A reader hands its encoded chunks over a
+/// channel of four; the body takes them window by window, in order. A client that goes away
+/// drops the body and its channels, which ends the readers and drops their queries.
+pub async fn start_export(
+    source: ExportSource,
     format: BodyFormat,
     metrics: ApiMetrics,
 ) -> Result<Body, ApiError> {
-    let (head_tx, head_rx) = tokio::sync::oneshot::channel::<Result<(), ApiError>>();
-    let (chunk_tx, chunk_rx) = tokio::sync::mpsc::channel::<std::io::Result<Bytes>>(2);
-    let thread = std::thread::Builder::new()
-        .name("audit-api-export".to_owned())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let runtime = match runtime {
-                Ok(runtime) => runtime,
-                Err(err) => {
-                    let _ = head_tx.send(Err(ApiError::Internal(err.to_string())));
-                    return;
+    let hours = source.hours().await?;
+    let windows = windows::plan(&hours, source.sort, source.window_rows);
+    let mut readers = Vec::new();
+    for reader in 0..READERS.min(windows.len()) {
+        let mine: Vec<Window> = windows
+            .iter()
+            .skip(reader)
+            .step_by(READERS)
+            .copied()
+            .collect();
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let source = source.clone();
+        std::thread::Builder::new()
+            .name("audit-api-export".to_owned())
+            .spawn(move || read_windows(&source, &mine, format, &tx))
+            .map_err(|err| ApiError::Internal(format!("cannot start an export thread: {err}")))?;
+        readers.push(rx);
+    }
+    let mut header = Encoder::new(format);
+    header
+        .header()
+        .map_err(|err| ApiError::Internal(format!("cannot encode the header: {err}")))?;
+    let header = header
+        .take()
+        .map_err(|err| ApiError::Internal(format!("cannot encode the header: {err}")))?;
+    Ok(Body::from_stream(export_body(
+        readers,
+        windows.len(),
+        header,
+        format,
+        metrics,
+    )))
+}
+
+/// The chunks of the readers' windows in window order. The header goes out with the first rows:
+/// a body's first chunk means its query answered.
+fn export_body(
+    readers: Vec<tokio::sync::mpsc::Receiver<Piece>>,
+    windows: usize,
+    header: Bytes,
+    format: BodyFormat,
+    metrics: ApiMetrics,
+) -> impl Stream<Item = std::io::Result<Bytes>> {
+    struct State {
+        readers: Vec<tokio::sync::mpsc::Receiver<Piece>>,
+        /// The window being sent, and how many there are.
+        window: usize,
+        windows: usize,
+        header: Option<Bytes>,
+        failed: bool,
+        label: &'static str,
+        metrics: ApiMetrics,
+    }
+    let state = State {
+        readers,
+        window: 0,
+        windows,
+        header: Some(header),
+        failed: false,
+        label: format.label(),
+        metrics,
+    };
+    stream::unfold(state, |mut s| async move {
+        loop {
+            if s.failed || s.window == s.windows {
+                return s.header.take().map(|header| (Ok(header), s));
+            }
+            let failure = match s.readers[s.window % READERS].recv().await {
+                Some(Piece::Rows(bytes, rows)) => {
+                    let bytes = match s.header.take() {
+                        Some(header) => [header, bytes].concat().into(),
+                        None => bytes,
+                    };
+                    s.metrics
+                        .rows_streamed
+                        .with_label_values(&[s.label])
+                        .inc_by(rows);
+                    s.metrics
+                        .bytes_streamed
+                        .with_label_values(&[s.label])
+                        .inc_by(bytes.len() as u64);
+                    return Some((Ok(bytes), s));
                 }
+                Some(Piece::WindowEnd) => {
+                    s.window += 1;
+                    continue;
+                }
+                Some(Piece::Failed(err)) => err.to_string(),
+                None => "an export reader ended early".to_owned(),
             };
-            runtime.block_on(async move {
-                let source = open();
-                let windows = match source.hours().await {
-                    Ok(hours) => windows::plan(&hours, source.sort, source.window_rows),
-                    Err(err) => {
-                        let _ = head_tx.send(Err(err));
-                        return;
-                    }
-                };
-                if head_tx.send(Ok(())).is_err() {
-                    return;
-                }
-                let mut sink = Sink::new(chunk_tx, format, metrics);
-                match export_windows(&source, &windows, format, &mut sink).await {
-                    Ok(()) | Err(ExportError::Gone) => {}
-                    Err(err) => {
-                        error!(error = %err, "export stream failed after the response started");
-                        let failed = std::io::Error::other("the audit log store failed mid-stream");
-                        let _ = sink.tx.send(Err(failed)).await;
-                    }
-                }
-            });
-        });
-    thread.map_err(|err| ApiError::Internal(format!("cannot start an export thread: {err}")))?;
-    head_rx
-        .await
-        .map_err(|_| ApiError::Internal("the export thread ended before the head".to_owned()))??;
-    let chunks = stream::unfold(chunk_rx, |mut rx| async move {
-        rx.recv().await.map(|chunk| (chunk, rx))
+            error!(error = %failure, "export stream failed after the response started");
+            s.failed = true;
+            s.header = None;
+            let failed = std::io::Error::other("the audit log store failed mid-stream");
+            return Some((Err(failed), s));
+        }
+    })
+}
+
+/// A reader thread: reads `windows` in order, handing each one's rows to `tx`.
+fn read_windows(
+    source: &ExportSource,
+    windows: &[Window],
+    format: BodyFormat,
+    tx: &tokio::sync::mpsc::Sender<Piece>,
+) {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build();
+    let runtime = match runtime {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            let _ = tx.blocking_send(Piece::Failed(ExportError::Encode(err)));
+            return;
+        }
+    };
+    runtime.block_on(async move {
+        let source = source.with_own_client();
+        let mut reader = WindowReader::new(format);
+        for window in windows {
+            let piece = match reader.read(&source, window, tx).await {
+                Ok(()) => Piece::WindowEnd,
+                Err(ExportError::Gone) => return,
+                Err(err) => Piece::Failed(err),
+            };
+            let failed = matches!(piece, Piece::Failed(_));
+            if tx.send(piece).await.is_err() || failed {
+                return;
+            }
+        }
     });
-    Ok(Body::from_stream(chunks))
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -240,34 +337,61 @@ enum ExportError {
     Encode(#[from] std::io::Error),
 }
 
-/// Writes the header, then every window in order.
-async fn export_windows(
-    source: &ExportSource,
-    windows: &[Window],
-    format: BodyFormat,
-    sink: &mut Sink,
-) -> Result<(), ExportError> {
-    let mut encoder = Encoder::new(format);
-    encoder.header()?;
-    // Goes out with the first rows: a body's first chunk means its query answered.
-    sink.push(encoder.bytes()?, 0).await?;
-    encoder.clear()?;
-    let mut held = WindowRows::default();
-    // Windows are encoded into an encoder of their own, whose buffer is kept between windows.
-    let mut window_encoder = Encoder::with_capacity(format, WINDOW_BYTES + (1 << 20));
-    for window in windows {
+/// One reader's buffers, kept from window to window.
+struct WindowReader {
+    /// Rows of a window sorted by ClickHouse, encoded as they come.
+    encoder: Encoder,
+    /// A held window, encoded in storage order; its buffer is allocated once.
+    held_encoder: Encoder,
+    held: WindowRows,
+}
+
+impl WindowReader {
+    fn new(format: BodyFormat) -> Self {
+        Self {
+            encoder: Encoder::new(format),
+            held_encoder: Encoder::with_capacity(format, WINDOW_BYTES + (1 << 20)),
+            held: WindowRows::default(),
+        }
+    }
+
+    /// Reads `window` and hands its rows to `tx` in the export's order, in chunks of about
+    /// [`CHUNK_BYTES`].
+    async fn read(
+        &mut self,
+        source: &ExportSource,
+        window: &Window,
+        tx: &tokio::sync::mpsc::Sender<Piece>,
+    ) -> Result<(), ExportError> {
+        let send = |bytes: Bytes, rows: u64| async move {
+            if bytes.is_empty() {
+                return Ok(());
+            }
+            tx.send(Piece::Rows(bytes, rows))
+                .await
+                .map_err(|_| ExportError::Gone)
+        };
         if !window.sorted {
             let cursor = source.rows(window.from_ms, window.to_ms, false)?;
-            let complete = held.read(cursor, &mut window_encoder).await?;
+            let complete = self.held.read(cursor, &mut self.held_encoder).await?;
             if complete {
-                let encoded = window_encoder.bytes()?;
-                for range in held.in_order(source.sort) {
-                    sink.push(&encoded[range], 1).await?;
+                let encoded = self.held_encoder.bytes()?;
+                let mut chunk = Vec::with_capacity(CHUNK_BYTES + 4096);
+                let mut rows = 0;
+                for range in self.held.in_order(source.sort) {
+                    chunk.extend_from_slice(&encoded[range]);
+                    rows += 1;
+                    if chunk.len() >= CHUNK_BYTES {
+                        let full =
+                            std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES + 4096));
+                        send(full.into(), std::mem::take(&mut rows)).await?;
+                    }
                 }
+                send(chunk.into(), rows).await?;
             }
-            window_encoder.clear()?;
+            self.held_encoder.clear()?;
             if complete {
-                continue;
+                return Ok(());
             }
         }
         // More than a window may hold: ClickHouse sorts it, rows go out as they come.
@@ -278,21 +402,19 @@ async fn export_windows(
             if last.repeats(record.occurred_at_ms, record.id) {
                 continue;
             }
-            encoder.row(&record)?;
+            self.encoder.row(&record)?;
             rows += 1;
-            if encoder.len() >= CHUNK_BYTES {
-                sink.send(encoder.take()?, std::mem::take(&mut rows))
-                    .await?;
+            if self.encoder.len() >= CHUNK_BYTES {
+                send(self.encoder.take()?, std::mem::take(&mut rows)).await?;
             }
         }
-        sink.send(encoder.take()?, rows).await?;
+        send(self.encoder.take()?, rows).await
     }
-    sink.flush().await
 }
 
 /// Largest encoded size of a window held in memory. A window whose rows come to more (rows far
 /// larger than usual) is read again, sorted by ClickHouse.
-const WINDOW_BYTES: usize = 24 << 20;
+const WINDOW_BYTES: usize = 16 << 20;
 
 /// One window's rows, encoded as they arrive in storage order, with their keys to put them in
 /// the export's order.
@@ -352,69 +474,6 @@ impl WindowRows {
             let twin = i > 0 && key(&keys[i - 1]) == key(k);
             (!twin).then(|| k.encoded.clone())
         })
-    }
-}
-
-/// The response side of an export: rows go out in chunks of about [`CHUNK_BYTES`].
-struct Sink {
-    tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-    chunk: Vec<u8>,
-    /// Rows in `chunk`.
-    rows: u64,
-    label: &'static str,
-    metrics: ApiMetrics,
-}
-
-impl Sink {
-    fn new(
-        tx: tokio::sync::mpsc::Sender<std::io::Result<Bytes>>,
-        format: BodyFormat,
-        metrics: ApiMetrics,
-    ) -> Self {
-        Self {
-            tx,
-            chunk: Vec::with_capacity(CHUNK_BYTES + 4096),
-            rows: 0,
-            label: format.label(),
-            metrics,
-        }
-    }
-
-    /// Adds `rows` encoded rows.
-    async fn push(&mut self, bytes: &[u8], rows: u64) -> Result<(), ExportError> {
-        self.chunk.extend_from_slice(bytes);
-        self.rows += rows;
-        if self.chunk.len() >= CHUNK_BYTES {
-            self.flush().await?;
-        }
-        Ok(())
-    }
-
-    /// Sends what is pending, then `bytes` holding `rows` encoded rows.
-    async fn send(&mut self, bytes: Bytes, rows: u64) -> Result<(), ExportError> {
-        self.flush().await?;
-        self.chunk_out(bytes, rows).await
-    }
-
-    async fn flush(&mut self) -> Result<(), ExportError> {
-        let chunk = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK_BYTES + 4096));
-        let rows = std::mem::take(&mut self.rows);
-        self.chunk_out(Bytes::from(chunk), rows).await
-    }
-
-    async fn chunk_out(&mut self, bytes: Bytes, rows: u64) -> Result<(), ExportError> {
-        if bytes.is_empty() {
-            return Ok(());
-        }
-        self.metrics
-            .rows_streamed
-            .with_label_values(&[self.label])
-            .inc_by(rows);
-        self.metrics
-            .bytes_streamed
-            .with_label_values(&[self.label])
-            .inc_by(bytes.len() as u64);
-        self.tx.send(Ok(bytes)).await.map_err(|_| ExportError::Gone)
     }
 }
 

@@ -23,10 +23,10 @@ pub async fn export(
         ExportFormat::Csv => BodyFormat::Csv,
         ExportFormat::Ndjson => BodyFormat::Ndjson,
     };
-    let open = state
+    let source = state
         .store
         .export(&caller.organization_id, &query.filters, query.sort);
-    let body = stream::start_detached(open, format, state.metrics.clone()).await?;
+    let body = stream::start_export(source, format, state.metrics.clone()).await?;
     let mut headers = download_headers(&query.filters, format);
     freshness_headers(&state, &mut headers);
     let mut response = (headers, body).into_response();

@@ -121,6 +121,11 @@ struct Api {
 
 impl Api {
     async fn start(http: &reqwest::Client) -> Self {
+        Self::start_with(http, &[]).await
+    }
+
+    /// A server with `env` added to its environment (configuration overrides).
+    async fn start_with(http: &reqwest::Client, env: &[(&str, &str)]) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -135,6 +140,7 @@ impl Api {
             .env("AUDIT_API__READ_EVENTS__ENABLED", "false")
             .env("AUDIT_API__RATE_LIMIT__REQUESTS_PER_SECOND", "0")
             .env("AUDIT_API__TELEMETRY__LOG_FILTER", "warn")
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
@@ -387,13 +393,14 @@ async fn main() {
     let page_rss = api.peak_rss_mb();
     drop(api);
 
-    // Export: about 1,000,000 rows of org_big, in a fresh process for a clean RSS figure.
+    // Export: about 1,000,000 rows of org_big, in fresh processes for clean RSS figures: the
+    // default (time windows ordered by the service) and one query sorted by ClickHouse.
     let export_from = newest - 73 * 86_400_000;
-    let export = Api::start(&http).await;
+    let windowed = Api::start(&http).await;
+    let one_query = Api::start_with(&http, &[("AUDIT_API__QUERY__EXPORT_WINDOW_ROWS", "0")]).await;
     eprintln!("bench: CSV export");
-    let url = format!(
-        "{}/api/v1/organization/audit-logs/export?format=csv&from={}",
-        export.base,
+    let export_query = format!(
+        "/api/v1/organization/audit-logs/export?format=csv&from={}",
         iso(export_from)
     );
     // EXPORT_RUNS runs of each, interleaved; medians are reported.
@@ -401,40 +408,26 @@ async fn main() {
         "SELECT * FROM audit_events WHERE organization_id = '{BIG_ORG}' AND occurred_at_ms >= {export_from} \
          ORDER BY occurred_at_ms DESC, id DESC FORMAT CSVWithNames"
     );
-    let pid = export.child.id();
-    let (mut export_runs, mut export_cpu, mut reference_runs) =
-        (Vec::new(), Vec::new(), Vec::new());
-    let (mut lines, mut bytes, mut reference_bytes) = (0u64, 0u64, 0usize);
+    let (mut windowed_runs, mut one_query_runs) = (ExportRuns::default(), ExportRuns::default());
+    let (mut reference_runs, mut reference_bytes) = (Vec::new(), 0usize);
     for _ in 0..EXPORT_RUNS {
-        let cpu_before = audit_testkit::proc_cpu_seconds(pid).expect("audit-api runs");
-        let started = Instant::now();
-        let mut response = http
-            .get(&url)
-            .header("X-API-Key", &key)
-            .send()
-            .await
-            .unwrap();
-        (lines, bytes) = (0, 0);
-        while let Some(chunk) = response.chunk().await.unwrap() {
-            lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
-            bytes += chunk.len() as u64;
-        }
-        export_runs.push(started.elapsed().as_secs_f64());
-        export_cpu.push(audit_testkit::proc_cpu_seconds(pid).expect("audit-api runs") - cpu_before);
+        windowed_runs.measure(&windowed, &export_query, &key);
+        one_query_runs.measure(&one_query, &export_query, &key);
         let started = Instant::now();
         reference_bytes = clickhouse_post(&http, reference_sql.clone()).await.len();
         reference_runs.push(started.elapsed().as_secs_f64());
     }
-    let median = |runs: &mut Vec<f64>| {
-        runs.sort_by(f64::total_cmp);
-        percentile(runs, 0.5)
-    };
-    let export_seconds = median(&mut export_runs);
-    let export_cpu_seconds = median(&mut export_cpu);
     let reference_seconds = median(&mut reference_runs);
-    let export_rows = lines - 1;
-    let export_rss = export.peak_rss_mb();
-    drop(export);
+    let (export_rows, bytes) = (windowed_runs.lines - 1, windowed_runs.bytes);
+    assert_eq!(
+        (one_query_runs.lines, one_query_runs.bytes),
+        (windowed_runs.lines, bytes),
+        "both exports send the same body"
+    );
+    let export_seconds = median(&mut windowed_runs.seconds);
+    let export_rss = windowed.peak_rss_mb();
+    let one_query_rss = one_query.peak_rss_mb();
+    drop((windowed, one_query));
 
     println!(
         "# audit-api read benchmark ({} UTC)",
@@ -462,8 +455,15 @@ async fn main() {
     println!("| export (median of {EXPORT_RUNS} interleaved runs) | rows | seconds | rows/s | audit-api CPU s | peak RSS MB |");
     println!("|---|---:|---:|---:|---:|---:|");
     println!(
-        "| audit-api CSV export (streamed, de-duplicated) | {export_rows} | {export_seconds:.2} | {:.0} | {export_cpu_seconds:.2} | {export_rss:.0} |",
-        export_rows as f64 / export_seconds
+        "| audit-api CSV export (time windows ordered by the service, 2 readers; de-duplicated) | {export_rows} | {export_seconds:.2} | {:.0} | {:.2} | {export_rss:.0} |",
+        export_rows as f64 / export_seconds,
+        median(&mut windowed_runs.cpu),
+    );
+    let one_query_seconds = median(&mut one_query_runs.seconds);
+    println!(
+        "| audit-api CSV export, one query sorted by ClickHouse (`export_window_rows = 0`) | {export_rows} | {one_query_seconds:.2} | {:.0} | {:.2} | {one_query_rss:.0} |",
+        export_rows as f64 / one_query_seconds,
+        median(&mut one_query_runs.cpu),
     );
     println!(
         "| reference: ClickHouse FORMAT CSVWithNames over HTTP (no de-duplication) | {export_rows} | {reference_seconds:.2} | {:.0} | - | - |",
@@ -511,4 +511,63 @@ async fn main() {
         export_rows >= EXPORT_ROWS_TARGET * 9 / 10,
         "the export range held {export_rows} rows"
     );
+}
+
+fn median(runs: &mut [f64]) -> f64 {
+    runs.sort_by(f64::total_cmp);
+    percentile(runs, 0.5)
+}
+
+/// Runs of one export: wall seconds, CPU seconds of the serving process, and the last body's
+/// lines and bytes.
+#[derive(Default)]
+struct ExportRuns {
+    seconds: Vec<f64>,
+    cpu: Vec<f64>,
+    lines: u64,
+    bytes: u64,
+}
+
+impl ExportRuns {
+    /// One export, read like `curl > file` would: by a client on a thread of its own with a
+    /// single-threaded runtime. The client shares the service's 2 cores; on the bench's
+    /// multi-threaded runtime its connection task and reader woke each other across threads.
+    fn measure(&mut self, api: &Api, query: &str, key: &str) {
+        let pid = api.child.id();
+        let url = format!("{}{query}", api.base);
+        let key = key.to_owned();
+        let cpu_before = audit_testkit::proc_cpu_seconds(pid).expect("audit-api runs");
+        let started = Instant::now();
+        let (lines, bytes) = std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async move {
+                let mut response = reqwest::Client::new()
+                    .get(url)
+                    .header("X-API-Key", key)
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(
+                    response.status().is_success(),
+                    "export: {}",
+                    response.status()
+                );
+                let (mut lines, mut bytes) = (0u64, 0u64);
+                while let Some(chunk) = response.chunk().await.unwrap() {
+                    lines += chunk.iter().filter(|b| **b == b'\n').count() as u64;
+                    bytes += chunk.len() as u64;
+                }
+                (lines, bytes)
+            })
+        })
+        .join()
+        .expect("the export client ran");
+        self.seconds.push(started.elapsed().as_secs_f64());
+        self.cpu
+            .push(audit_testkit::proc_cpu_seconds(pid).expect("audit-api runs") - cpu_before);
+        (self.lines, self.bytes) = (lines, bytes);
+    }
 }

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cli;
 pub mod config;
 pub mod error;
+pub mod export;
 pub mod keys;
 pub mod metrics;
 pub mod partitions;
@@ -16,7 +17,6 @@ pub mod render;
 pub mod routes;
 pub mod store;
 pub mod stream;
-pub mod windows;
 
 pub use app::{AppState, Application};
 pub use config::ApiConfig;

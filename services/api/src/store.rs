@@ -62,7 +62,7 @@ pub type EventCursor = clickhouse::query::RowCursor<EventRecord<'static>>;
 /// than reading them: a million rows of the benchmark take 1.0-1.3 s sorted against 0.15 s
 /// unsorted (`FORMAT Null`). So an export reads its range in time windows of a few ten thousand
 /// rows, each without `ORDER BY`, and the service orders each window (see
-/// `stream::start_export`); [`Self::hours`] sizes the windows. Without `FINAL` either: it
+/// `export::start`); [`Self::hours`] sizes the windows. Without `FINAL` either: it
 /// would merge every part of the range first; re-deliveries not merged yet are dropped as
 /// twins when the window is put in order, since they share (time, id) and so their window.
 #[derive(Clone)]

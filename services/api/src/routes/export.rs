@@ -9,7 +9,7 @@ use crate::error::ApiError;
 use crate::query::{ExportFormat, ExportQuery};
 use crate::routes::audit_logs::download_headers;
 use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
-use crate::stream::{self, BodyFormat};
+use crate::stream::BodyFormat;
 use crate::AppState;
 
 pub async fn export(
@@ -26,7 +26,7 @@ pub async fn export(
     let source = state
         .store
         .export(&caller.organization_id, &query.filters, query.sort);
-    let body = stream::start_export(source, format, state.metrics.clone()).await?;
+    let body = crate::export::start(source, format, state.metrics.clone()).await?;
     let mut headers = download_headers(&query.filters, format);
     freshness_headers(&state, &mut headers);
     let mut response = (headers, body).into_response();

@@ -172,6 +172,19 @@ fn ids(page: &Value) -> Vec<String> {
         .collect()
 }
 
+/// The ids of an NDJSON export body, in order.
+fn ndjson_ids(body: &[u8]) -> Vec<String> {
+    body.split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| {
+            serde_json::from_slice::<Value>(line).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
 /// A stored event; `n` makes every field distinct enough to filter on.
 fn event(org: &str, id: &str, at_ms: i64) -> AuditEventRow {
     AuditEventRow {
@@ -473,16 +486,7 @@ async fn ties_redeliveries_and_cursors() {
         )
         .await
         .2;
-    let exported: Vec<String> = export
-        .split(|b| *b == b'\n')
-        .filter(|l| !l.is_empty())
-        .map(|l| {
-            serde_json::from_slice::<Value>(l).unwrap()["id"]
-                .as_str()
-                .unwrap()
-                .to_owned()
-        })
-        .collect();
+    let exported = ndjson_ids(&export);
     let mut expected: Vec<String> = (0..10).map(|n| format!("t{n}")).collect();
     expected.push("late".to_owned());
     assert_eq!(exported, expected);
@@ -540,17 +544,7 @@ async fn exports_read_in_windows_keep_the_page_order() {
             )
             .await;
         assert_eq!(status, StatusCode::OK);
-        let ndjson: Vec<String> = body
-            .split(|b| *b == b'\n')
-            .filter(|l| !l.is_empty())
-            .map(|l| {
-                serde_json::from_slice::<Value>(l).unwrap()["id"]
-                    .as_str()
-                    .unwrap()
-                    .to_owned()
-            })
-            .collect();
-        assert_eq!(ndjson, expected, "ndjson export, sort={sort}");
+        assert_eq!(ndjson_ids(&body), expected, "ndjson export, sort={sort}");
         let body = api
             .get_path(
                 &key,

@@ -5,10 +5,10 @@
 
 use axum::body::Body;
 use bytes::Bytes;
-use futures_util::{stream, Stream};
+use futures_util::{stream, StreamExt};
 use tracing::error;
 
-use crate::error::ApiError;
+use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
 use crate::query::SortOrder;
 use crate::store::{EventCursor, ExportSource, HOUR_MS};
@@ -27,13 +27,14 @@ enum Piece {
     Failed(ExportError),
 }
 
-/// An export's body. Its rows are counted per hour first (a store that fails at once then gets
-/// its proper error status), then read in windows (see [`plan`]) by [`READERS`]
-/// threads, each with a single-threaded runtime and its own connection: the HTTP client's
-/// connection task and the encoder then never wake each other across threads (on 2 cores such
-/// wake-ups had been a third of an export's CPU). A reader hands its encoded chunks over a
-/// channel of four; the body takes them window by window, in order. A client that goes away
-/// drops the body and its channels, which ends the readers and drops their queries.
+/// An export's body. Its rows are counted per hour first, then read in windows (see [`plan`]) by
+/// [`READERS`] threads, each with a single-threaded runtime and its own connection: the HTTP
+/// client's connection task and the encoder then never wake each other across threads (on 2
+/// cores such wake-ups had been a third of an export's CPU). A reader hands its encoded chunks
+/// over a channel of four; the body takes them window by window, in order. The first rows are
+/// awaited before the head is sent, so that a store that fails at once gets its proper error
+/// status instead of a broken 200. A client that goes away drops the body and its channels,
+/// which ends the readers and drops their queries.
 pub async fn start(
     source: ExportSource,
     format: BodyFormat,
@@ -57,85 +58,85 @@ pub async fn start(
             .map_err(|err| ApiError::Internal(format!("cannot start an export thread: {err}")))?;
         readers.push(rx);
     }
-    let mut header = Encoder::new(format);
-    header
-        .header()
-        .map_err(|err| ApiError::Internal(format!("cannot encode the header: {err}")))?;
-    let header = header
-        .take()
-        .map_err(|err| ApiError::Internal(format!("cannot encode the header: {err}")))?;
-    Ok(Body::from_stream(export_body(
-        readers,
-        windows.len(),
-        header,
-        format,
-        metrics,
-    )))
-}
-
-/// The chunks of the readers' windows in window order. The header goes out with the first rows:
-/// a body's first chunk means its query answered.
-fn export_body(
-    readers: Vec<tokio::sync::mpsc::Receiver<Piece>>,
-    windows: usize,
-    header: Bytes,
-    format: BodyFormat,
-    metrics: ApiMetrics,
-) -> impl Stream<Item = std::io::Result<Bytes>> {
-    struct State {
-        readers: Vec<tokio::sync::mpsc::Receiver<Piece>>,
-        /// The window being sent, and how many there are.
-        window: usize,
-        windows: usize,
-        header: Option<Bytes>,
-        failed: bool,
-        label: &'static str,
-        metrics: ApiMetrics,
-    }
-    let state = State {
+    let mut pieces = Pieces {
         readers,
         window: 0,
-        windows,
-        header: Some(header),
-        failed: false,
-        label: format.label(),
-        metrics,
+        windows: windows.len(),
     };
-    stream::unfold(state, |mut s| async move {
-        loop {
-            if s.failed || s.window == s.windows {
-                return s.header.take().map(|header| (Ok(header), s));
-            }
-            let failure = match s.readers[s.window % READERS].recv().await {
-                Some(Piece::Rows(bytes, rows)) => {
-                    let bytes = match s.header.take() {
-                        Some(header) => [header, bytes].concat().into(),
-                        None => bytes,
-                    };
-                    s.metrics
-                        .rows_streamed
-                        .with_label_values(&[s.label])
-                        .inc_by(rows);
-                    s.metrics
-                        .bytes_streamed
-                        .with_label_values(&[s.label])
-                        .inc_by(bytes.len() as u64);
-                    return Some((Ok(bytes), s));
+    let first = pieces.next().await.transpose().map_err(ApiError::from)?;
+    let mut header = Encoder::new(format);
+    let header = header
+        .header()
+        .and_then(|()| header.take())
+        .map_err(|err| ApiError::Internal(format!("cannot encode the header: {err}")))?;
+    let (first, rows) = match first {
+        Some((bytes, rows)) => ([header, bytes].concat().into(), rows),
+        None => (header, 0),
+    };
+    let label = format.label();
+    let count = move |bytes: &Bytes, rows: u64| {
+        metrics
+            .rows_streamed
+            .with_label_values(&[label])
+            .inc_by(rows);
+        metrics
+            .bytes_streamed
+            .with_label_values(&[label])
+            .inc_by(bytes.len() as u64);
+    };
+    count(&first, rows);
+    let rest = stream::unfold(pieces, move |mut pieces| {
+        let count = count.clone();
+        async move {
+            let chunk = match pieces.next().await? {
+                Ok((bytes, rows)) => {
+                    count(&bytes, rows);
+                    Ok(bytes)
                 }
-                Some(Piece::WindowEnd) => {
-                    s.window += 1;
-                    continue;
+                Err(err) => {
+                    error!(error = %err, "export stream failed after the response started");
+                    Err(std::io::Error::other(
+                        "the audit log store failed mid-stream",
+                    ))
                 }
-                Some(Piece::Failed(err)) => err.to_string(),
-                None => "an export reader ended early".to_owned(),
             };
-            error!(error = %failure, "export stream failed after the response started");
-            s.failed = true;
-            s.header = None;
-            let failed = std::io::Error::other("the audit log store failed mid-stream");
-            return Some((Err(failed), s));
+            Some((chunk, pieces))
         }
-    })
+    });
+    Ok(Body::from_stream(
+        stream::once(async move { Ok(first) }).chain(rest),
+    ))
+}
+
+/// The readers' chunks, window after window.
+struct Pieces {
+    readers: Vec<tokio::sync::mpsc::Receiver<Piece>>,
+    /// The window being sent, and how many there are.
+    window: usize,
+    windows: usize,
+}
+
+impl Pieces {
+    /// The next encoded rows (bytes, rows) in window order; None at the end. After a failure,
+    /// nothing more.
+    async fn next(&mut self) -> Option<Result<(Bytes, u64), ExportError>> {
+        while self.window < self.windows {
+            let piece = self.readers[self.window % READERS].recv().await;
+            match piece {
+                Some(Piece::Rows(bytes, rows)) => return Some(Ok((bytes, rows))),
+                Some(Piece::WindowEnd) => self.window += 1,
+                Some(Piece::Failed(err)) => {
+                    self.window = self.windows;
+                    return Some(Err(err));
+                }
+                None => {
+                    self.window = self.windows;
+                    return Some(Err(ExportError::ReaderEnded));
+                }
+            }
+        }
+        None
+    }
 }
 
 /// A reader thread: reads `windows` in order, handing each one's rows to `tx`.
@@ -182,6 +183,18 @@ enum ExportError {
     Api(#[from] ApiError),
     #[error("cannot encode a row: {0}")]
     Encode(#[from] std::io::Error),
+    #[error("an export reader ended early")]
+    ReaderEnded,
+}
+
+impl From<ExportError> for ApiError {
+    fn from(err: ExportError) -> Self {
+        match err {
+            ExportError::Store(err) => from_clickhouse(&err),
+            ExportError::Api(err) => err,
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
 }
 
 /// One reader's buffers, kept from window to window.

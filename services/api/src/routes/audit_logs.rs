@@ -42,12 +42,19 @@ pub async fn list(
         offset: query.offset,
         cursor: query.cursor.as_ref(),
     };
-    let (mut keys, (total, exact)) = tokio::try_join!(
-        state.store.page_keys(&page),
-        state.store.count(org, &query.filters)
-    )?;
-    let more = keys.len() > query.limit as usize;
-    keys.truncate(query.limit as usize);
+    // The page's keys, and for JSON its rows, are read while the total is counted.
+    let rows = async {
+        let mut keys = state.store.page_keys(&page).await?;
+        let more = keys.len() > query.limit as usize;
+        keys.truncate(query.limit as usize);
+        let items = match query.format {
+            PageFormat::Json => Some(state.store.page_rows(org, query.sort, &keys).await?),
+            PageFormat::Csv => None,
+        };
+        Ok::<_, ApiError>((keys, more, items))
+    };
+    let ((keys, more, items), (total, exact)) =
+        tokio::try_join!(rows, state.store.count(org, &query.filters))?;
     let next_cursor = more
         .then(|| keys.last().cloned())
         .flatten()
@@ -60,9 +67,8 @@ pub async fn list(
             }
             .encode()
         });
-    let mut response = match query.format {
-        PageFormat::Json => {
-            let items = state.store.page_rows(org, query.sort, &keys).await?;
+    let mut response = match items {
+        Some(items) => {
             let body = PageBody {
                 total,
                 limit: query.limit,
@@ -76,7 +82,7 @@ pub async fn list(
             };
             Json(body).into_response()
         }
-        PageFormat::Csv => {
+        None => {
             let cursor = state.store.page_rows_cursor(org, query.sort, &keys)?;
             let body = stream::start(cursor, BodyFormat::Csv, state.metrics.clone()).await?;
             let mut headers = download_headers(&query.filters, BodyFormat::Csv);

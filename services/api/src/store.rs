@@ -655,6 +655,12 @@ impl AuditLogStore {
             return Ok((n, settled));
         }
         if filters.is_selective() {
+            if let Some(total) = self
+                .count_open_months(organization_id, filters, &condition, months.as_deref())
+                .await?
+            {
+                return Ok(total);
+            }
             // Likely a small set: one scan settles it.
             let n = distinct().await?;
             if n <= EXACT_TOTAL_LIMIT {
@@ -667,6 +673,56 @@ impl AuditLogStore {
             return Ok((n, n == 0));
         }
         Ok((distinct().await?, true))
+    }
+
+    /// A selective total when some months in range are one merged part and others are not:
+    /// the merged months' stored rows are their events (counted per month and kept, see
+    /// [`Self::stored_count`]), and one distinct count over the other months settles those
+    /// (the months where new events and re-deliveries land, usually the current one). None
+    /// when no month is merged, or the other months hold more than [`EXACT_TOTAL_LIMIT`].
+    /// Exact like the all-merged case: a merged month counted just now must still be listed
+    /// the same afterwards.
+    async fn count_open_months(
+        &self,
+        organization_id: &str,
+        filters: &Filters,
+        condition: &Condition,
+        months: Option<&[Month]>,
+    ) -> Result<Option<(u64, bool)>, ApiError> {
+        let (merged, open): (Vec<Month>, Vec<Month>) = months
+            .unwrap_or_default()
+            .iter()
+            .filter(|m| m.meets(filters.from_ms, filters.to_ms))
+            .cloned()
+            .partition(|m| m.merged);
+        if merged.is_empty() || open.is_empty() {
+            return Ok(None);
+        }
+        let mut in_open = condition.clone();
+        let ranges = vec!["(occurred_at_ms >= ? AND occurred_at_ms < ?)"; open.len()].join(" OR ");
+        in_open.and(
+            &format!("({ranges})"),
+            open.iter()
+                .flat_map(|m| [Bound::Int(m.start_ms), Bound::Int(m.end_ms)]),
+        );
+        let sql = format!(
+            "SELECT count() FROM (SELECT DISTINCT occurred_at_ms, id FROM {} WHERE {} LIMIT {})",
+            in_open.table(),
+            in_open.sql,
+            EXACT_TOTAL_LIMIT + 1
+        );
+        let (in_open_months, (in_merged_months, counted_now)) = tokio::try_join!(
+            self.fetch_one::<u64>("count_distinct", &in_open, &sql),
+            self.stored_count(organization_id, filters, condition, Some(merged)),
+        )?;
+        if in_open_months > EXACT_TOTAL_LIMIT {
+            return Ok(None);
+        }
+        let settled = counted_now.is_empty() || {
+            let now = self.months(condition.table()).await?.unwrap_or_default();
+            counted_now.iter().all(|month| now.contains(month))
+        };
+        Ok(Some((in_merged_months + in_open_months, settled)))
     }
 
     /// What an export reads (see [`ExportSource`]).

@@ -1039,6 +1039,15 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
         (since_mid_january + 5 + 1, true)
     );
 
+    // A re-delivery into March while January and February stay merged: a selective total
+    // takes the merged months' stored rows and counts March's distinct events, exact at any
+    // size; the unfiltered total (stored rows per month) shows the re-delivery until a merge.
+    merges("STOP").await;
+    api.insert(&news[5..6]).await;
+    assert_eq!(total("limit=1&actorId=usr_admin").await, (110_008, true));
+    assert_eq!(total("limit=1").await, (110_009, false));
+    merges("START").await;
+
     // Below the limit the total is exact, and it follows inserts as well.
     let key_b = api.key("org_b", Role::Admin).await;
     assert_eq!(api.total(&key_b, "limit=1").await, (20, true));

@@ -630,12 +630,7 @@ impl AuditLogStore {
     ) -> Result<(u64, bool), ApiError> {
         let condition = Condition::indexed(organization_id, filters);
         let table = condition.table();
-        // A distinct count that stops at the limit: exact for small sets, cheap for big ones.
-        let distinct_sql = format!(
-            "SELECT count() FROM (SELECT DISTINCT occurred_at_ms, id FROM {table} WHERE {} LIMIT {})",
-            condition.sql,
-            EXACT_TOTAL_LIMIT + 1
-        );
+        let distinct_sql = Self::distinct_sql(&condition);
         let distinct = || self.fetch_one::<u64>("count_distinct", &condition, &distinct_sql);
         let span = (filters.from_ms, filters.to_ms);
         let months = self.months(table).await?;
@@ -675,6 +670,17 @@ impl AuditLogStore {
         Ok((distinct().await?, true))
     }
 
+    /// A distinct count of the events under `condition` that stops past [`EXACT_TOTAL_LIMIT`]:
+    /// exact for small sets, cheap for big ones.
+    fn distinct_sql(condition: &Condition) -> String {
+        format!(
+            "SELECT count() FROM (SELECT DISTINCT occurred_at_ms, id FROM {} WHERE {} LIMIT {})",
+            condition.table(),
+            condition.sql,
+            EXACT_TOTAL_LIMIT + 1
+        )
+    }
+
     /// A selective total when some months in range are one merged part and others are not:
     /// the merged months' stored rows are their events (counted per month and kept, see
     /// [`Self::stored_count`]), and one distinct count over the other months settles those
@@ -705,12 +711,7 @@ impl AuditLogStore {
             open.iter()
                 .flat_map(|m| [Bound::Int(m.start_ms), Bound::Int(m.end_ms)]),
         );
-        let sql = format!(
-            "SELECT count() FROM (SELECT DISTINCT occurred_at_ms, id FROM {} WHERE {} LIMIT {})",
-            in_open.table(),
-            in_open.sql,
-            EXACT_TOTAL_LIMIT + 1
-        );
+        let sql = Self::distinct_sql(&in_open);
         let (in_open_months, (in_merged_months, counted_now)) = tokio::try_join!(
             self.fetch_one::<u64>("count_distinct", &in_open, &sql),
             self.stored_count(organization_id, filters, condition, Some(merged)),

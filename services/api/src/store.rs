@@ -109,12 +109,7 @@ impl ExportSource {
         sorted: bool,
     ) -> Result<EventCursor, ApiError> {
         let mut condition = self.condition.clone();
-        if let Some(from_ms) = from_ms {
-            condition.and("occurred_at_ms >= ?", [Bound::Int(from_ms)]);
-        }
-        if let Some(to_ms) = to_ms {
-            condition.and("occurred_at_ms < ?", [Bound::Int(to_ms)]);
-        }
+        condition.between(from_ms, to_ms);
         let order = if sorted {
             AuditLogStore::order_by(self.sort)
         } else {
@@ -246,6 +241,16 @@ impl Condition {
         self.values.extend(values);
     }
 
+    /// `from_ms <= occurred_at_ms < to_ms`, each bound only when given.
+    fn between(&mut self, from_ms: Option<i64>, to_ms: Option<i64>) {
+        if let Some(from) = from_ms {
+            self.and("occurred_at_ms >= ?", [Bound::Int(from)]);
+        }
+        if let Some(to) = to_ms {
+            self.and("occurred_at_ms < ?", [Bound::Int(to)]);
+        }
+    }
+
     /// Organization first: no statement is built without it.
     fn scoped(organization_id: &str, filters: &Filters) -> Self {
         let mut c = Condition::default();
@@ -253,12 +258,7 @@ impl Condition {
             "organization_id = ?",
             [Bound::Text(organization_id.to_owned())],
         );
-        if let Some(from) = filters.from_ms {
-            c.and("occurred_at_ms >= ?", [Bound::Int(from)]);
-        }
-        if let Some(to) = filters.to_ms {
-            c.and("occurred_at_ms < ?", [Bound::Int(to)]);
-        }
+        c.between(filters.from_ms, filters.to_ms);
         let text = |v: &Option<String>| v.clone().map(Bound::Text);
         if let Some(v) = text(&filters.event_type) {
             c.and("event_type = ?", [v]);
@@ -299,12 +299,7 @@ impl Condition {
             [Bound::Text(organization_id.to_owned())],
         );
         c.and(&format!("{column} = ?"), [Bound::Text(value.clone())]);
-        if let Some(from) = filters.from_ms {
-            c.and("occurred_at_ms >= ?", [Bound::Int(from)]);
-        }
-        if let Some(to) = filters.to_ms {
-            c.and("occurred_at_ms < ?", [Bound::Int(to)]);
-        }
+        c.between(filters.from_ms, filters.to_ms);
         c
     }
 
@@ -643,11 +638,7 @@ impl AuditLogStore {
             // counted just now must still be the merged part it was listed as, since a part
             // written in between could hold a re-delivery that the count included.
             let (n, counted_now) = stored().await?;
-            let settled = counted_now.is_empty() || {
-                let now = self.months(table).await?.unwrap_or_default();
-                counted_now.iter().all(|month| now.contains(month))
-            };
-            return Ok((n, settled));
+            return Ok((n, self.still_listed(table, &counted_now).await?));
         }
         if filters.is_selective() {
             if let Some(total) = self
@@ -719,11 +710,18 @@ impl AuditLogStore {
         if in_open_months > EXACT_TOTAL_LIMIT {
             return Ok(None);
         }
-        let settled = counted_now.is_empty() || {
-            let now = self.months(condition.table()).await?.unwrap_or_default();
-            counted_now.iter().all(|month| now.contains(month))
-        };
+        let settled = self.still_listed(condition.table(), &counted_now).await?;
         Ok(Some((in_merged_months + in_open_months, settled)))
+    }
+
+    /// Whether the months just counted are still listed with the same parts (true for none):
+    /// a part written in between could hold a re-delivery that the count included.
+    async fn still_listed(&self, table: &str, counted_now: &[Month]) -> Result<bool, ApiError> {
+        if counted_now.is_empty() {
+            return Ok(true);
+        }
+        let now = self.months(table).await?.unwrap_or_default();
+        Ok(counted_now.iter().all(|month| now.contains(month)))
     }
 
     /// What an export reads (see [`ExportSource`]).

@@ -12,7 +12,7 @@ use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
 use crate::query::SortOrder;
 use crate::store::{EventCursor, ExportSource, HOUR_MS};
-use crate::stream::{BodyFormat, Encoder, Twins, CHUNK_BYTES};
+use crate::stream::{BodyFormat, Encoder, RowError, SortedRows, CHUNK_BYTES};
 
 /// Threads reading an export's windows side by side: window k is read by reader k % READERS,
 /// so one reader fetches and encodes the next window while the response sends the other's.
@@ -187,6 +187,15 @@ enum ExportError {
     ReaderEnded,
 }
 
+impl From<RowError> for ExportError {
+    fn from(err: RowError) -> Self {
+        match err {
+            RowError::Store(err) => ExportError::Store(err),
+            RowError::Encode(err) => ExportError::Encode(err),
+        }
+    }
+}
+
 impl From<ExportError> for ApiError {
     fn from(err: ExportError) -> Self {
         match err {
@@ -199,8 +208,7 @@ impl From<ExportError> for ApiError {
 
 /// One reader's buffers, kept from window to window.
 struct WindowReader {
-    /// Rows of a window sorted by ClickHouse, encoded as they come.
-    encoder: Encoder,
+    format: BodyFormat,
     /// A held window, encoded in storage order; its buffer is allocated once.
     held_encoder: Encoder,
     held: WindowRows,
@@ -209,7 +217,7 @@ struct WindowReader {
 impl WindowReader {
     fn new(format: BodyFormat) -> Self {
         Self {
-            encoder: Encoder::new(format),
+            format,
             held_encoder: Encoder::with_capacity(format, WINDOW_BYTES + (1 << 20)),
             held: WindowRows::default(),
         }
@@ -255,20 +263,13 @@ impl WindowReader {
             }
         }
         // More than a window may hold: ClickHouse sorts it, rows go out as they come.
-        let mut cursor = source.rows(window.from_ms, window.to_ms, true)?;
-        let mut last = Twins::default();
-        let mut rows = 0;
-        while let Some(record) = cursor.next().await? {
-            if last.repeats(record.occurred_at_ms, record.id) {
-                continue;
-            }
-            self.encoder.row(&record)?;
-            rows += 1;
-            if self.encoder.len() >= CHUNK_BYTES {
-                send(self.encoder.take()?, std::mem::take(&mut rows)).await?;
-            }
+        let cursor = source.rows(window.from_ms, window.to_ms, true)?;
+        let mut sorted = SortedRows::new(Some(cursor), self.format);
+        while let Some(chunk) = sorted.chunk().await {
+            let (bytes, rows) = chunk?;
+            send(bytes, rows).await?;
         }
-        send(self.encoder.take()?, rows).await
+        Ok(())
     }
 }
 

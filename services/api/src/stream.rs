@@ -173,34 +173,20 @@ async fn open_chunks(
     format: BodyFormat,
     metrics: ApiMetrics,
 ) -> Result<impl Stream<Item = std::io::Result<Bytes>>, ApiError> {
-    let mut state = State {
-        cursor,
-        encoder: Encoder::new(format),
-        done: false,
-        sent_last: false,
-        metrics,
-        last: Twins::default(),
-        rows: 0,
-    };
-    state
-        .encoder
-        .header()
-        .map_err(|err| ApiError::Internal(format!("cannot encode a row: {err}")))?;
-    state.next_row().await.map_err(|err| match err {
-        RowError::Store(err) => from_clickhouse(&err),
-        RowError::Encode(err) => ApiError::Internal(format!("cannot encode a row: {err}")),
-    })?;
-    Ok(chunks(state))
+    let mut rows = SortedRows::new(cursor, format);
+    rows.encoder.header().map_err(RowError::Encode)?;
+    rows.next_row().await?;
+    Ok(chunks(rows, metrics))
 }
 
 /// (time, id) of the last row written: rows arrive sorted, so a re-delivery not merged yet comes
 /// right after its twin and is skipped. The id's buffer is reused row after row.
 #[derive(Default)]
-pub(crate) struct Twins(Option<(i64, String)>);
+struct Twins(Option<(i64, String)>);
 
 impl Twins {
     /// Whether (`time`, `id`) is the last row's key; else it becomes the last row's key.
-    pub(crate) fn repeats(&mut self, time: i64, id: &str) -> bool {
+    fn repeats(&mut self, time: i64, id: &str) -> bool {
         match &mut self.0 {
             Some((t, last)) if *t == time && last == id => return true,
             Some((t, last)) => {
@@ -214,25 +200,46 @@ impl Twins {
     }
 }
 
-enum RowError {
+pub(crate) enum RowError {
     Store(audit_store::clickhouse::error::Error),
     Encode(std::io::Error),
 }
 
-struct State {
+impl From<RowError> for ApiError {
+    fn from(err: RowError) -> Self {
+        match err {
+            RowError::Store(err) => from_clickhouse(&err),
+            RowError::Encode(err) => ApiError::Internal(format!("cannot encode a row: {err}")),
+        }
+    }
+}
+
+/// Rows of a cursor that arrive in the body's order (CSV pages, windows ClickHouse sorted),
+/// encoded chunk by chunk, twins dropped.
+pub(crate) struct SortedRows {
     cursor: Option<EventCursor>,
     encoder: Encoder,
     /// The cursor is exhausted (or failed).
     done: bool,
-    /// The chunk holding the last rows went out.
-    sent_last: bool,
-    metrics: ApiMetrics,
+    /// The chunk holding the last rows was taken.
+    finished: bool,
     last: Twins,
     /// Rows encoded into the chunk being filled.
     rows: u64,
 }
 
-impl State {
+impl SortedRows {
+    pub(crate) fn new(cursor: Option<EventCursor>, format: BodyFormat) -> Self {
+        Self {
+            cursor,
+            encoder: Encoder::new(format),
+            done: false,
+            finished: false,
+            last: Twins::default(),
+            rows: 0,
+        }
+    }
+
     /// Reads the next row and encodes it unless it is a twin of the last; `done` at the end.
     async fn next_row(&mut self) -> Result<(), RowError> {
         let Some(cursor) = self.cursor.as_mut() else {
@@ -250,46 +257,47 @@ impl State {
         self.rows += 1;
         Ok(())
     }
-}
 
-/// The encoded chunks of `state`, about [`CHUNK_BYTES`] each.
-fn chunks(state: State) -> impl Stream<Item = std::io::Result<Bytes>> {
-    stream::unfold(state, |mut s| async move {
-        if s.sent_last {
+    /// The next chunk of about [`CHUNK_BYTES`] and the rows in it (the last may be empty);
+    /// None once the last was taken or a read failed.
+    pub(crate) async fn chunk(&mut self) -> Option<Result<(Bytes, u64), RowError>> {
+        if self.finished {
             return None;
         }
-        let label = s.encoder.format.label();
-        let mut result = Ok(());
-        while !s.done && s.encoder.len() < CHUNK_BYTES {
-            if let Err(err) = s.next_row().await {
-                result = Err(match err {
-                    RowError::Store(err) => {
-                        error!(error = %err, "export stream failed after the response started");
-                        std::io::Error::other("the audit log store failed mid-stream")
-                    }
-                    RowError::Encode(err) => err,
-                });
-                break;
-            }
+        let mut filled = Ok(());
+        while filled.is_ok() && !self.done && self.encoder.len() < CHUNK_BYTES {
+            filled = self.next_row().await;
         }
-        s.sent_last = s.done || result.is_err();
-        match result.and_then(|()| s.encoder.take()) {
-            Ok(chunk) => {
-                let rows = std::mem::take(&mut s.rows);
-                s.metrics
-                    .rows_streamed
-                    .with_label_values(&[label])
-                    .inc_by(rows);
-                s.metrics
-                    .bytes_streamed
-                    .with_label_values(&[label])
-                    .inc_by(chunk.len() as u64);
-                Some((Ok::<Bytes, std::io::Error>(chunk), s))
-            }
-            Err(err) => {
-                s.sent_last = true;
-                Some((Err(err), s))
-            }
+        self.finished = self.done || filled.is_err();
+        let chunk = filled.and_then(|()| self.encoder.take().map_err(RowError::Encode));
+        Some(chunk.map(|bytes| (bytes, std::mem::take(&mut self.rows))))
+    }
+}
+
+/// The encoded chunks of `rows`, counted in the metrics.
+fn chunks(rows: SortedRows, metrics: ApiMetrics) -> impl Stream<Item = std::io::Result<Bytes>> {
+    let label = rows.encoder.format.label();
+    stream::unfold(rows, move |mut rows| {
+        let metrics = metrics.clone();
+        async move {
+            let chunk = match rows.chunk().await? {
+                Ok((bytes, n)) => {
+                    metrics.rows_streamed.with_label_values(&[label]).inc_by(n);
+                    metrics
+                        .bytes_streamed
+                        .with_label_values(&[label])
+                        .inc_by(bytes.len() as u64);
+                    Ok(bytes)
+                }
+                Err(RowError::Store(err)) => {
+                    error!(error = %err, "export stream failed after the response started");
+                    Err(std::io::Error::other(
+                        "the audit log store failed mid-stream",
+                    ))
+                }
+                Err(RowError::Encode(err)) => Err(err),
+            };
+            Some((chunk, rows))
         }
     })
 }

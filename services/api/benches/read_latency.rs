@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 
 const DATABASE: &str = "audit_bench_read";
 const EVENTS: u64 = 10_000_000;
-const DATA_VERSION: u32 = 2;
+const DATA_VERSION: u32 = 3;
 const BIG_ORG: &str = "org_big";
 const ITERATIONS: usize = 40;
 const DEPTH: u64 = 100_000;
@@ -93,11 +93,17 @@ async fn ensure_data(client: &clickhouse::Client) -> i64 {
         client.query(&sql).execute().await.unwrap();
     }
     // Let the background merges settle so that they do not run during the measurements.
-    client
-        .query("OPTIMIZE TABLE audit_events FINAL")
-        .execute()
-        .await
-        .unwrap();
+    for table in [
+        "audit_events",
+        "audit_events_by_type",
+        "audit_events_by_actor_email_rows",
+    ] {
+        client
+            .query(&format!("OPTIMIZE TABLE {table} FINAL"))
+            .execute()
+            .await
+            .unwrap();
+    }
     client
         .query("CREATE TABLE bench_meta (version UInt32, events UInt64, newest_ms Int64) ENGINE = TinyLog")
         .execute()

@@ -379,6 +379,8 @@ mod tests {
             audit_store::EVENTS_TABLE,
             crate::store::BY_TYPE_TABLE,
             crate::store::BY_ACTOR_EMAIL_TABLE,
+            // Migration 0004's key-only actor-email table, no longer read (see 0005).
+            "audit_events_by_actor_email",
         ];
         aggregated.sort();
         assert_eq!(tables, aggregated);

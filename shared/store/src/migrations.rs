@@ -40,6 +40,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "create_filter_indexes",
         sql: include_str!("../../../schemas/clickhouse/0004_create_filter_indexes.sql"),
     },
+    Migration {
+        version: 5,
+        name: "create_actor_email_rows",
+        sql: include_str!("../../../schemas/clickhouse/0005_create_actor_email_rows.sql"),
+    },
 ];
 
 const RECORD_TABLE: &str = "schema_migrations";

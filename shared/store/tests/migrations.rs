@@ -140,9 +140,10 @@ async fn round_trips_an_event_row_with_millisecond_precision() {
     drop_database(&config).await;
 }
 
-/// Migration 0004's key-only tables are filled by views for new events, and by its back-fill
-/// for events stored before it; running the back-fill again (two replicas migrating at once)
-/// changes nothing a reader sees.
+/// The copies sorted by a filter column (migration 0004's key-only tables, 0005's full rows by
+/// actor email) are filled by views for new events, and by back-fills for events stored before
+/// them; running the back-fills again (two replicas migrating at once) changes nothing a reader
+/// sees.
 #[tokio::test]
 async fn filter_indexes_cover_old_and_new_events_and_the_backfill_is_idempotent() {
     let config = fresh_config();
@@ -150,7 +151,9 @@ async fn filter_indexes_cover_old_and_new_events_and_the_backfill_is_idempotent(
     let client = config.client();
     let example = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../../schemas/events/examples/valid/team_member.updated.json");
-    let event = AuditEvent::from_slice(&std::fs::read(example).unwrap()).unwrap();
+    let mut event = AuditEvent::from_slice(&std::fs::read(example).unwrap()).unwrap();
+    // Mixed case: the actor-email copies key on the lower-cased email.
+    event.actor.email = Some("Ada.Admin@ACME.example".to_owned());
     let lineage = |offset| Lineage {
         topic: "t".to_owned(),
         partition: 0,
@@ -170,19 +173,24 @@ async fn filter_indexes_cover_old_and_new_events_and_the_backfill_is_idempotent(
     };
     // "Old" events: stored, then wiped from the key-only tables as if the views came later.
     insert_one("old", 1).await;
-    for table in ["audit_events_by_type", "audit_events_by_actor_email"] {
+    let copies = [
+        "audit_events_by_type",
+        "audit_events_by_actor_email",
+        "audit_events_by_actor_email_rows",
+    ];
+    for table in copies {
         client
             .query(&format!("TRUNCATE TABLE {table}"))
             .execute()
             .await
             .unwrap();
     }
-    let backfill: Vec<String> = MIGRATIONS[3]
-        .statements()
-        .into_iter()
+    let backfill: Vec<String> = MIGRATIONS[3..5]
+        .iter()
+        .flat_map(|m| m.statements())
         .filter(|s| s.starts_with("INSERT"))
         .collect();
-    assert_eq!(backfill.len(), 2);
+    assert_eq!(backfill.len(), 3);
     for _ in 0..2 {
         for statement in &backfill {
             client.query(statement).execute().await.unwrap();
@@ -206,6 +214,28 @@ async fn filter_indexes_cover_old_and_new_events_and_the_backfill_is_idempotent(
         .await
         .unwrap();
     assert_eq!(by_email, ["new", "old"]);
+    // The full copy holds the same rows as audit_events, with the email lower-cased as its key.
+    let copied: Vec<(String, String, Option<String>, String)> = client
+        .query(
+            "SELECT id, actor_email_key, actor_email, changes FROM audit_events_by_actor_email_rows \
+             FINAL WHERE organization_id = ? AND actor_email_key = ? ORDER BY id",
+        )
+        .bind(event.organization_id.as_str())
+        .bind(email.as_str())
+        .fetch_all()
+        .await
+        .unwrap();
+    let stored: Vec<(String, String, Option<String>, String)> = client
+        .query(
+            "SELECT id, lowerUTF8(ifNull(actor_email, '')), actor_email, changes FROM audit_events \
+             FINAL WHERE organization_id = ? ORDER BY id",
+        )
+        .bind(event.organization_id.as_str())
+        .fetch_all()
+        .await
+        .unwrap();
+    assert_eq!(copied.len(), 2);
+    assert_eq!(copied, stored);
     drop_database(&config).await;
 }
 

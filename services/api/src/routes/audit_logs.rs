@@ -48,7 +48,7 @@ pub async fn list(
         let more = keys.len() > query.limit as usize;
         keys.truncate(query.limit as usize);
         let items = match query.format {
-            PageFormat::Json => Some(state.store.page_rows(org, query.sort, &keys).await?),
+            PageFormat::Json => Some(state.store.page_rows(&page, &keys).await?),
             PageFormat::Csv => None,
         };
         Ok::<_, ApiError>((keys, more, items))
@@ -83,7 +83,7 @@ pub async fn list(
             Json(body).into_response()
         }
         None => {
-            let cursor = state.store.page_rows_cursor(org, query.sort, &keys)?;
+            let cursor = state.store.page_rows_cursor(&page, &keys)?;
             let body = stream::start(cursor, BodyFormat::Csv, state.metrics.clone()).await?;
             let mut headers = download_headers(&query.filters, BodyFormat::Csv);
             if let Some(cursor) = next_cursor.and_then(|c| HeaderValue::from_str(&c).ok()) {

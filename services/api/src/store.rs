@@ -326,15 +326,23 @@ impl Condition {
         }
     }
 
-    /// Strictly after the cursor's (time, id) in its sort order. The plain bound on time comes
-    /// first so that ClickHouse can skip by the primary key.
-    fn after(&mut self, cursor: &Cursor) {
-        let (bound, strict, id) = match cursor.sort {
-            SortOrder::Desc => ("occurred_at_ms <= ?", "occurred_at_ms < ?", "id < ?"),
-            SortOrder::Asc => ("occurred_at_ms >= ?", "occurred_at_ms > ?", "id > ?"),
+    /// At the cursor's time or after it in its sort order: a plain bound on time, by which
+    /// ClickHouse skips along the primary key. [`Self::strictly_after`] completes it.
+    fn at_or_after(&mut self, cursor: &Cursor) {
+        let bound = match cursor.sort {
+            SortOrder::Desc => "occurred_at_ms <= ?",
+            SortOrder::Asc => "occurred_at_ms >= ?",
+        };
+        self.and(bound, [Bound::Int(cursor.occurred_at_ms)]);
+    }
+
+    /// Strictly after the cursor's (time, id) in its sort order (after [`Self::at_or_after`]).
+    fn strictly_after(&mut self, cursor: &Cursor) {
+        let (strict, id) = match cursor.sort {
+            SortOrder::Desc => ("occurred_at_ms < ?", "id < ?"),
+            SortOrder::Asc => ("occurred_at_ms > ?", "id > ?"),
         };
         let t = cursor.occurred_at_ms;
-        self.and(bound, [Bound::Int(t)]);
         self.and(
             &format!("({strict} OR {id})"),
             [Bound::Int(t), Bound::Text(cursor.id.clone())],
@@ -455,17 +463,27 @@ impl AuditLogStore {
         request: &PageRequest<'_>,
     ) -> Result<Vec<(i64, String)>, ApiError> {
         let mut condition = Condition::indexed(request.organization_id, request.filters);
-        let offset = match request.cursor {
-            Some(cursor) => {
-                condition.after(cursor);
-                0
-            }
-            None => request.offset,
+        let offset = if request.cursor.is_some() {
+            0
+        } else {
+            request.offset
         };
         let wanted = u64::from(request.limit) + 1;
         // A range of a day or less is sorted whole: a probe would cost more than it saves.
         let anchor = Anchor::of(request).filter(|_| !request.filters.spans_at_most(DAY_MS));
-        let window = self.narrow(&condition, anchor, offset + wanted).await?;
+        // The window is sized on the cursor's time bound alone, so that its count reads only
+        // the time column; it also counts the cursor's own event, hence one more row needed.
+        // (A tie past the cursor makes it count one row too many, like a re-delivery: the
+        // whole range is then read below.)
+        let window = match request.cursor {
+            Some(cursor) => {
+                condition.at_or_after(cursor);
+                let window = self.narrow(&condition, anchor, wanted + 1).await?;
+                condition.strictly_after(cursor);
+                window
+            }
+            None => self.narrow(&condition, anchor, offset + wanted).await?,
+        };
         let keys_in = |bound: Option<i64>| {
             let mut condition = condition.clone();
             if let (Some(bound), Some(anchor)) = (bound, anchor) {
@@ -907,12 +925,14 @@ mod tests {
     #[test]
     fn a_cursor_continues_strictly_after_its_event() {
         let mut condition = Condition::default();
-        condition.after(&Cursor {
+        let cursor = Cursor {
             sort: SortOrder::Desc,
             occurred_at_ms: 10,
             id: "x".to_owned(),
             filters: String::new(),
-        });
+        };
+        condition.at_or_after(&cursor);
+        condition.strictly_after(&cursor);
         assert_eq!(
             condition.sql,
             "occurred_at_ms <= ? AND (occurred_at_ms < ? OR id < ?)"

@@ -594,6 +594,78 @@ async fn exports_read_in_windows_keep_the_page_order() {
     api.stop().await;
 }
 
+/// A window that fails after the response head went out (here: a stored row that is not UTF-8,
+/// which the ingest never writes) ends the body with an error, so a client never takes the rows
+/// sent so far for the whole export; failing in the first window, it is an error status.
+#[tokio::test]
+async fn an_export_failing_midway_ends_in_an_error_not_a_short_file() {
+    let api = TestApi::spawn_with("midway", |c| c.query.export_window_rows = 4).await;
+    let key = api.key("org_a", Role::Admin).await;
+    const HOUR: i64 = 3_600_000;
+    // 4 events an hour over 20 hours (20 windows), then in the oldest hour 3 events and a broken
+    // row: the last window of a newest-first export.
+    let rows: Vec<AuditEventRow> = (0..83)
+        .map(|n| {
+            event(
+                "org_a",
+                &format!("m{n:02}"),
+                BASE_MS + HOUR * (20 - n / 4) + (n % 4) * 1000,
+            )
+        })
+        .collect();
+    api.insert(&rows).await;
+    api.client()
+        .query(
+            "INSERT INTO audit_events (organization_id, occurred_at_ms, id, event_type, actor_id, \
+             actor_type, resource_type, resource_id, changes, metadata, source_topic, \
+             source_partition, source_offset, ingested_at_ms) \
+             SELECT 'org_a', ?, 'broken', 'user.created', 'usr_1', 'user', 'user', 'usr_2', '[]', \
+             unhex('7B22FF227D'), 't', 0, 0, 1",
+        )
+        .bind(BASE_MS + 3000)
+        .execute()
+        .await
+        .unwrap();
+    let mut newest_first: Vec<&AuditEventRow> = rows.iter().collect();
+    newest_first.sort_by_key(|r| std::cmp::Reverse((r.occurred_at_ms, r.id.clone())));
+    let newest_first: Vec<String> = newest_first.iter().map(|r| r.id.clone()).collect();
+
+    let url = api.url("/api/v1/organization/audit-logs/export", "format=ndjson");
+    let mut response = api
+        .http
+        .get(&url)
+        .header("X-API-Key", &key)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    let mut received = Vec::new();
+    let ended = loop {
+        match response.chunk().await {
+            Ok(Some(chunk)) => received.extend_from_slice(&chunk),
+            Ok(None) => break Ok(()),
+            Err(err) => break Err(err),
+        }
+    };
+    assert!(ended.is_err(), "the body ended as if complete");
+    // What arrived is every window before the broken one, in order; none of the broken window.
+    assert_eq!(received.last(), Some(&b'\n'));
+    assert_eq!(ndjson_ids(&received), newest_first[..80].to_vec());
+
+    // Oldest first, the broken row is in the first window: an error status, no body of rows.
+    let (status, _, body) = api
+        .get_path(
+            &key,
+            "/api/v1/organization/audit-logs/export",
+            "format=ndjson&sort=asc",
+        )
+        .await;
+    assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR);
+    let error: Value = serde_json::from_slice(&body).unwrap();
+    assert!(!error["error"]["message"].as_str().unwrap().contains("UTF"));
+    api.stop().await;
+}
+
 #[tokio::test]
 async fn csv_matches_json_and_is_safe_for_spreadsheets() {
     let api = TestApi::spawn("csv").await;

@@ -8,6 +8,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use audit_store::migrations;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -29,6 +30,8 @@ pub struct AppState {
     pub metrics: ApiMetrics,
     /// Ingest time of the newest stored event, epoch ms (0 = unknown).
     pub newest_ingested_at: Arc<AtomicU64>,
+    /// One permit per running export (`query.max_concurrent_exports`), held by its body.
+    pub exports: Arc<Semaphore>,
     pub shutdown: CancellationToken,
 }
 
@@ -42,6 +45,10 @@ impl AppState {
             read_events: ReadEventPublisher::new(&config.read_events, metrics.clone())?,
             metrics,
             newest_ingested_at: Arc::new(AtomicU64::new(0)),
+            exports: Arc::new(Semaphore::new(match config.query.max_concurrent_exports {
+                0 => Semaphore::MAX_PERMITS,
+                n => n,
+            })),
             shutdown: CancellationToken::new(),
         })
     }

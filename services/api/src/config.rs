@@ -61,6 +61,9 @@ pub struct QueryConfig {
     /// Stored rows an export reads per query, ordered by the service (0: one query for the whole
     /// export, sorted by ClickHouse). A running export holds two windows (~400 bytes a row each).
     pub export_window_rows: u64,
+    /// Exports this process runs at once (0 = no limit); one more is refused with 503 and
+    /// `Retry-After`. Each takes two reader threads and three ClickHouse connections.
+    pub max_concurrent_exports: usize,
 }
 
 impl Default for QueryConfig {
@@ -70,6 +73,7 @@ impl Default for QueryConfig {
             export_timeout_seconds: 0,
             count_cache_entries: 2_000,
             export_window_rows: 32_768,
+            max_concurrent_exports: 4,
         }
     }
 }

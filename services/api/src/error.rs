@@ -31,6 +31,8 @@ pub enum ApiError {
     QueryTimeout,
     #[error("the audit log store is unavailable; retry later")]
     StoreUnavailable,
+    #[error("this server is running as many exports as it may; retry later")]
+    TooManyExports,
     #[error("the service is starting and has not loaded its API keys yet; retry later")]
     NotReady,
     #[error("no such route")]
@@ -57,6 +59,7 @@ impl ApiError {
             ApiError::RateLimited { .. } => "rate_limited",
             ApiError::QueryTimeout => "query_timeout",
             ApiError::StoreUnavailable => "store_unavailable",
+            ApiError::TooManyExports => "too_many_exports",
             ApiError::NotReady => "not_ready",
             ApiError::NotFound => "not_found",
             ApiError::Internal(_) => "internal_error",
@@ -70,7 +73,9 @@ impl ApiError {
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueryTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::StoreUnavailable | ApiError::NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::StoreUnavailable | ApiError::NotReady | ApiError::TooManyExports => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::NotFound => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -124,7 +129,7 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
                 );
             }
-            ApiError::StoreUnavailable | ApiError::NotReady => {
+            ApiError::StoreUnavailable | ApiError::NotReady | ApiError::TooManyExports => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}

@@ -6,6 +6,7 @@
 use axum::body::Body;
 use bytes::Bytes;
 use futures_util::{stream, StreamExt};
+use tokio::sync::OwnedSemaphorePermit;
 use tracing::error;
 
 use crate::error::{from_clickhouse, ApiError};
@@ -39,6 +40,7 @@ pub async fn start(
     source: ExportSource,
     format: BodyFormat,
     metrics: ApiMetrics,
+    permit: OwnedSemaphorePermit,
 ) -> Result<Body, ApiError> {
     let hours = source.hours().await?;
     let windows = plan(&hours, source.sort, source.window_rows);
@@ -62,6 +64,7 @@ pub async fn start(
         readers,
         window: 0,
         windows: windows.len(),
+        _permit: permit,
     };
     let first = pieces.next().await.transpose().map_err(ApiError::from)?;
     let mut header = Encoder::new(format);
@@ -114,6 +117,8 @@ struct Pieces {
     /// The window being sent, and how many there are.
     window: usize,
     windows: usize,
+    /// The export's place among `query.max_concurrent_exports`, given back with the body.
+    _permit: OwnedSemaphorePermit,
 }
 
 impl Pieces {

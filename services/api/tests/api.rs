@@ -1224,7 +1224,9 @@ fn peak_rss_kb(pid: u32) -> u64 {
 /// The real binary streams a 1,000,000-row CSV export with flat memory: the body is produced as
 /// the client reads, never held whole. The rows lie 5 s apart (58 days), so the export reads
 /// them in some 30 windows each held and ordered by the service; the 200,000 rows of `org_hour`
-/// lie within one hour, a window ClickHouse sorts and the service streams as it comes.
+/// lie within one hour, a window ClickHouse sorts and the service streams as it comes. A client
+/// that hangs up stops the export's query and gives back its place among the exports allowed at
+/// once (`query.max_concurrent_exports`, 1 here).
 #[tokio::test]
 async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_client() {
     const ROWS: u64 = 1_000_000;
@@ -1259,6 +1261,7 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
         .env("AUDIT_API__CLICKHOUSE__DATABASE", &api.clickhouse.database)
         .env("AUDIT_API__READ_EVENTS__ENABLED", "false")
         .env("AUDIT_API__TELEMETRY__LOG_FILTER", "warn")
+        .env("AUDIT_API__QUERY__MAX_CONCURRENT_EXPORTS", "1")
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();
@@ -1298,6 +1301,23 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
         1,
         "the export's query runs while its client reads"
     );
+    // One export at a time here (`query.max_concurrent_exports = 1`): a second one is refused
+    // while the first runs; pages are not limited.
+    let refused = export(&key, "format=csv").await.unwrap();
+    assert_eq!(refused.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(refused.headers()["retry-after"], "5");
+    let body: Value = refused.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "too_many_exports");
+    let page = api
+        .http
+        .get(format!(
+            "http://127.0.0.1:{port}/api/v1/organization/audit-logs?limit=1"
+        ))
+        .header("X-API-Key", key.secret.expose_secret())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(page.status(), StatusCode::OK);
     drop(response);
     let deadline = Instant::now() + Duration::from_secs(10);
     while running().await > 0 {
@@ -1308,6 +1328,7 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 
+    // The export that hung up gave its place back.
     let mut response = export(&key, "format=csv").await.unwrap();
     assert_eq!(response.status(), StatusCode::OK);
     let (mut lines, mut bytes) = (0u64, 0u64);

@@ -1,6 +1,8 @@
 //! `GET /api/v1/organization/audit-logs/export`: every matching event, CSV or NDJSON, streamed
 //! with constant memory and no row limit.
 
+use std::sync::Arc;
+
 use axum::extract::{RawQuery, State};
 use axum::response::{IntoResponse, Response};
 
@@ -19,6 +21,9 @@ pub async fn export(
     RawQuery(raw): RawQuery,
 ) -> Result<Response, ApiError> {
     let query = ExportQuery::parse(raw.as_deref())?;
+    let permit = Arc::clone(&state.exports)
+        .try_acquire_owned()
+        .map_err(|_| ApiError::TooManyExports)?;
     let format = match query.format {
         ExportFormat::Csv => BodyFormat::Csv,
         ExportFormat::Ndjson => BodyFormat::Ndjson,
@@ -26,7 +31,7 @@ pub async fn export(
     let source = state
         .store
         .export(&caller.organization_id, &query.filters, query.sort);
-    let body = crate::export::start(source, format, state.metrics.clone()).await?;
+    let body = crate::export::start(source, format, state.metrics.clone(), permit).await?;
     let mut headers = download_headers(&query.filters, format);
     freshness_headers(&state, &mut headers);
     let mut response = (headers, body).into_response();

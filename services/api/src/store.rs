@@ -922,6 +922,33 @@ mod tests {
         assert_eq!(condition.values.len(), 8);
     }
 
+    /// The copy sorted by actor email serves every request that names one (keys, counts, rows,
+    /// exports), with the email right after the organization: the prefix of its sorting key.
+    #[test]
+    fn an_actor_email_is_read_from_the_copy_sorted_by_it() {
+        let filters = Filters {
+            actor_email: Some("ada@acme.example".to_owned()),
+            event_type: Some("user.created".to_owned()),
+            ..Filters::default()
+        };
+        for c in [
+            Condition::scoped("org", &filters),
+            Condition::indexed("org", &filters),
+        ] {
+            assert_eq!(c.table(), BY_ACTOR_EMAIL_TABLE);
+            assert!(c
+                .sql
+                .starts_with("organization_id = ? AND actor_email_key = ? AND "));
+            assert_eq!(c.values.len(), 3);
+        }
+        let by_type = Filters {
+            event_type: Some("user.created".to_owned()),
+            ..Filters::default()
+        };
+        assert_eq!(Condition::indexed("org", &by_type).table(), BY_TYPE_TABLE);
+        assert_eq!(Condition::scoped("org", &by_type).table(), EVENTS_TABLE);
+    }
+
     #[test]
     fn a_cursor_continues_strictly_after_its_event() {
         let mut condition = Condition::default();

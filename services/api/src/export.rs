@@ -7,13 +7,12 @@ use axum::body::Body;
 use bytes::Bytes;
 use futures_util::{stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
-use tracing::error;
 
 use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
 use crate::query::SortOrder;
 use crate::store::{EventCursor, ExportSource, HOUR_MS};
-use crate::stream::{BodyFormat, Encoder, RowError, SortedRows, CHUNK_BYTES};
+use crate::stream::{failed_mid_stream, BodyFormat, Encoder, RowError, SortedRows, CHUNK_BYTES};
 
 /// Threads reading an export's windows side by side: window k is read by reader k % READERS,
 /// so one reader fetches and encodes the next window while the response sends the other's.
@@ -77,31 +76,16 @@ pub async fn start(
         None => (header, 0),
     };
     let label = format.label();
-    let count = move |bytes: &Bytes, rows: u64| {
-        metrics
-            .rows_streamed
-            .with_label_values(&[label])
-            .inc_by(rows);
-        metrics
-            .bytes_streamed
-            .with_label_values(&[label])
-            .inc_by(bytes.len() as u64);
-    };
-    count(&first, rows);
+    metrics.observe_streamed(label, rows, first.len());
     let rest = stream::unfold(pieces, move |mut pieces| {
-        let count = count.clone();
+        let metrics = metrics.clone();
         async move {
             let chunk = match pieces.next().await? {
                 Ok((bytes, rows)) => {
-                    count(&bytes, rows);
+                    metrics.observe_streamed(label, rows, bytes.len());
                     Ok(bytes)
                 }
-                Err(err) => {
-                    error!(error = %err, "export stream failed after the response started");
-                    Err(std::io::Error::other(
-                        "the audit log store failed mid-stream",
-                    ))
-                }
+                Err(err) => Err(failed_mid_stream(&err)),
             };
             Some((chunk, pieces))
         }

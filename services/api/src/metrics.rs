@@ -86,6 +86,14 @@ impl ApiMetrics {
             .inc_by(computed as u64);
     }
 
+    /// A chunk of a streamed body (CSV page or export) handed to the client.
+    pub fn observe_streamed(&self, format: &str, rows: u64, bytes: usize) {
+        self.rows_streamed.with_label_values(&[format]).inc_by(rows);
+        self.bytes_streamed
+            .with_label_values(&[format])
+            .inc_by(bytes as u64);
+    }
+
     pub fn observe_query(&self, kind: &str, started: Instant) {
         self.query_seconds
             .with_label_values(&[kind])

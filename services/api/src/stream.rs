@@ -274,6 +274,13 @@ impl SortedRows {
     }
 }
 
+/// What a body whose response has started yields when the store fails: the failure is logged,
+/// and the error ends the body without its last chunk, so the client sees it cut short.
+pub(crate) fn failed_mid_stream(err: &dyn std::fmt::Display) -> std::io::Error {
+    error!(error = %err, "a streamed body failed after the response started");
+    std::io::Error::other("the audit log store failed mid-stream")
+}
+
 /// The encoded chunks of `rows`, counted in the metrics.
 fn chunks(rows: SortedRows, metrics: ApiMetrics) -> impl Stream<Item = std::io::Result<Bytes>> {
     let label = rows.encoder.format.label();
@@ -282,19 +289,10 @@ fn chunks(rows: SortedRows, metrics: ApiMetrics) -> impl Stream<Item = std::io::
         async move {
             let chunk = match rows.chunk().await? {
                 Ok((bytes, n)) => {
-                    metrics.rows_streamed.with_label_values(&[label]).inc_by(n);
-                    metrics
-                        .bytes_streamed
-                        .with_label_values(&[label])
-                        .inc_by(bytes.len() as u64);
+                    metrics.observe_streamed(label, n, bytes.len());
                     Ok(bytes)
                 }
-                Err(RowError::Store(err)) => {
-                    error!(error = %err, "export stream failed after the response started");
-                    Err(std::io::Error::other(
-                        "the audit log store failed mid-stream",
-                    ))
-                }
+                Err(RowError::Store(err)) => Err(failed_mid_stream(&err)),
                 Err(RowError::Encode(err)) => Err(err),
             };
             Some((chunk, rows))

@@ -14,6 +14,7 @@ use crate::directory::Directory;
 use crate::flush::Flusher;
 use crate::http::{self, OpsState};
 use crate::kafka::{self, IngestContext};
+use crate::liveness::{self, LivenessState};
 use crate::metrics::IngestMetrics;
 use crate::pipeline::Pipeline;
 use crate::sink::ClickHouseSink;
@@ -89,9 +90,11 @@ impl Application {
         let consumer = Arc::new(kafka::consumer(
             &config.kafka,
             &config.kafka.group_id,
+            kafka::Membership::Group(&config.kafka),
             IngestContext::new(metrics.clone()),
         )?);
         let flusher = Arc::new(build_flusher(&config, &metrics)?);
+        let liveness = Arc::new(LivenessState::default());
         let pipeline = Pipeline {
             consumer: Arc::clone(&consumer),
             flusher,
@@ -101,11 +104,13 @@ impl Application {
             topics: config.kafka.topics.clone(),
             shutdown_timeout: Duration::from_millis(config.shutdown_timeout_ms),
             final_commit: Default::default(),
+            liveness: Arc::clone(&liveness),
         };
         let ops = OpsState {
             metrics,
             consumer,
             clickhouse: client,
+            liveness,
             shutdown: CancellationToken::new(),
         };
         Ok(Self {
@@ -124,6 +129,14 @@ impl Application {
     pub async fn run(self) -> Result<(), AppError> {
         let shutdown = self.ops.shutdown.clone();
         let address = self.config.http_listen;
+        let watchdog = tokio::spawn(liveness::watch(
+            Arc::clone(&self.ops.consumer),
+            self.ops.clickhouse.clone(),
+            Arc::clone(&self.ops.liveness),
+            self.ops.metrics.clone(),
+            self.config.liveness.clone(),
+            shutdown.clone(),
+        ));
         let (bound, server) = http::serve(address, self.ops)
             .await
             .map_err(|source| AppError::Listen { address, source })?;
@@ -132,6 +145,7 @@ impl Application {
         let result = self.pipeline.run(shutdown.clone()).await;
         shutdown.cancel();
         let _ = server.await;
+        let _ = watchdog.await;
         result.map_err(AppError::from)
     }
 }

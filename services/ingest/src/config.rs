@@ -22,6 +22,7 @@ pub struct IngestConfig {
     pub dead_letter: DeadLetterConfig,
     pub retry: RetryConfig,
     pub directory: DirectoryConfig,
+    pub liveness: LivenessConfig,
     /// Address of the `/healthz`, `/readyz` and `/metrics` listener.
     pub http_listen: SocketAddr,
     /// Apply pending ClickHouse migrations at start-up; when false, refuse to start if any is pending.
@@ -41,6 +42,7 @@ impl Default for IngestConfig {
             dead_letter: DeadLetterConfig::default(),
             retry: RetryConfig::default(),
             directory: DirectoryConfig::default(),
+            liveness: LivenessConfig::default(),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 18081)),
             migrate_on_start: true,
             shutdown_timeout_ms: 9_000,
@@ -64,6 +66,16 @@ pub struct KafkaConfig {
     /// `sasl.password`, kept out of `properties` so that it can come from a secret in the
     /// environment (`AUDIT_INGEST__KAFKA__SASL_PASSWORD`) and is never printed.
     pub sasl_password: Option<secrecy::SecretString>,
+    /// `group.instance.id`: static group membership. A replica that restarts with the same id
+    /// within the session timeout gets its partitions back without a rebalance of the group.
+    /// Must be stable per replica and unique in the group (the chart uses the pod name of a
+    /// StatefulSet). None: a new member at every start.
+    pub instance_id: Option<String>,
+    /// `session.timeout.ms`: how long the group waits for a silent member before giving its
+    /// partitions to others. None: 30 s with `instance_id` (covers a pod restart), else 10 s.
+    pub session_timeout_ms: Option<u64>,
+    /// `partition.assignment.strategy`.
+    pub assignor: String,
 }
 
 impl Default for KafkaConfig {
@@ -78,6 +90,20 @@ impl Default for KafkaConfig {
                 "identity.auth.v1".to_owned(),
             ],
             properties: BTreeMap::new(),
+            instance_id: None,
+            session_timeout_ms: None,
+            assignor: "cooperative-sticky".to_owned(),
+        }
+    }
+}
+
+impl KafkaConfig {
+    /// The session timeout in effect (see `session_timeout_ms`).
+    pub fn session_timeout_ms(&self) -> u64 {
+        match (self.session_timeout_ms, &self.instance_id) {
+            (Some(ms), _) => ms,
+            (None, Some(_)) => 30_000,
+            (None, None) => 10_000,
         }
     }
 }
@@ -176,6 +202,39 @@ impl Default for DirectoryConfig {
     }
 }
 
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LivenessConfig {
+    /// A replica whose assigned partitions have lag and made no progress (no commit, not caught
+    /// up) for this long, while Kafka and ClickHouse answer, is stuck: `/healthz` fails
+    /// (milliseconds).
+    pub stall_after_ms: u64,
+    /// How often progress is checked against Kafka's offsets (milliseconds).
+    pub check_interval_ms: u64,
+}
+
+impl Default for LivenessConfig {
+    fn default() -> Self {
+        Self {
+            // Long enough for a backfill's 50,000-row flush retried through a slow ClickHouse
+            // and for a rebalance that waits out a session timeout; short enough that a stuck
+            // replica is restarted within minutes, long before anyone would notice the gap.
+            stall_after_ms: 120_000,
+            check_interval_ms: 5_000,
+        }
+    }
+}
+
+impl LivenessConfig {
+    pub fn stall_after(&self) -> Duration {
+        Duration::from_millis(self.stall_after_ms)
+    }
+
+    pub fn check_interval(&self) -> Duration {
+        Duration::from_millis(self.check_interval_ms)
+    }
+}
+
 impl IngestConfig {
     /// Loads and validates the configuration; `file` is an optional TOML file.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
@@ -210,6 +269,35 @@ impl IngestConfig {
                     "kafka.properties.{key} is set by audit-ingest itself and cannot be overridden"
                 ));
             }
+            if let Some(setting) = DEDICATED_PROPERTIES
+                .iter()
+                .find_map(|(property, setting)| (property == key).then_some(setting))
+            {
+                return invalid(format!(
+                    "kafka.properties.{key}: use kafka.{setting} instead"
+                ));
+            }
+        }
+        if let Some(id) = &self.kafka.instance_id {
+            let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+            if id.is_empty() || id.len() > 249 || !id.chars().all(allowed) {
+                return invalid(format!(
+                    "kafka.instance_id {id:?} must be 1-249 characters of letters, digits, '.', '_' and '-'"
+                ));
+            }
+        }
+        // The broker's default group.min/max.session.timeout.ms.
+        if !(6_000..=1_800_000).contains(&self.kafka.session_timeout_ms()) {
+            return invalid("kafka.session_timeout_ms must be between 6000 and 1800000".to_owned());
+        }
+        let strategies: Vec<&str> = self.kafka.assignor.split(',').map(str::trim).collect();
+        let known = ["range", "roundrobin", "cooperative-sticky"];
+        let cooperative = strategies.contains(&"cooperative-sticky");
+        if strategies.iter().any(|s| !known.contains(s)) || (cooperative && strategies.len() > 1) {
+            return invalid(format!(
+                "kafka.assignor {:?} must be cooperative-sticky, or range and/or roundrobin (eager and cooperative cannot be mixed)",
+                self.kafka.assignor
+            ));
         }
         if self.batch.max_rows == 0
             || self.batch.max_bytes == 0
@@ -227,6 +315,14 @@ impl IngestConfig {
         if self.dead_letter.window_messages == 0 {
             return invalid("dead_letter.window_messages must be > 0".to_owned());
         }
+        if self.liveness.check_interval_ms == 0
+            || self.liveness.stall_after_ms < 2 * self.liveness.check_interval_ms
+        {
+            return invalid(
+                "liveness: need 0 < check_interval_ms and stall_after_ms >= 2 x check_interval_ms"
+                    .to_owned(),
+            );
+        }
         if self.retry.initial_backoff_ms == 0
             || self.retry.max_backoff_ms < self.retry.initial_backoff_ms
         {
@@ -235,6 +331,13 @@ impl IngestConfig {
         Ok(())
     }
 }
+
+/// librdkafka properties that have a setting of their own, which must be used instead.
+pub const DEDICATED_PROPERTIES: &[(&str, &str)] = &[
+    ("group.instance.id", "instance_id"),
+    ("session.timeout.ms", "session_timeout_ms"),
+    ("partition.assignment.strategy", "assignor"),
+];
 
 /// librdkafka properties whose values the delivery guarantee depends on.
 pub const MANAGED_PROPERTIES: &[&str] = &[
@@ -265,6 +368,35 @@ mod tests {
             .insert("enable.auto.commit".to_owned(), "true".to_owned());
         let err = config.validate().unwrap_err().to_string();
         assert!(err.contains("enable.auto.commit"), "{err}");
+    }
+
+    #[test]
+    fn membership_settings_are_checked_and_have_one_place_each() {
+        let mut config = IngestConfig::default();
+        config.kafka.instance_id = Some("audit-ingest-0".to_owned());
+        config.validate().unwrap();
+        assert_eq!(config.kafka.session_timeout_ms(), 30_000);
+        config.kafka.instance_id = Some("pod 0".to_owned());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("kafka.instance_id"), "{err}");
+
+        let mut config = IngestConfig::default();
+        assert_eq!(config.kafka.session_timeout_ms(), 10_000);
+        config
+            .kafka
+            .properties
+            .insert("group.instance.id".to_owned(), "x".to_owned());
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("use kafka.instance_id"), "{err}");
+
+        let mut config = IngestConfig::default();
+        config.kafka.assignor = "range,cooperative-sticky".to_owned();
+        let err = config.validate().unwrap_err().to_string();
+        assert!(err.contains("cannot be mixed"), "{err}");
+        config.kafka.assignor = "range,roundrobin".to_owned();
+        config.validate().unwrap();
+        config.kafka.session_timeout_ms = Some(1_000);
+        assert!(config.validate().is_err());
     }
 
     #[test]

@@ -1,5 +1,6 @@
-//! The small operations listener: `/healthz` (process up), `/readyz` (group joined and
-//! ClickHouse reachable) and `/metrics` (Prometheus text format).
+//! The small operations listener: `/healthz` (fails only when the replica is stuck, see
+//! [`crate::liveness`]), `/readyz` (group joined, ClickHouse reachable, not waiting, not stuck)
+//! and `/metrics` (Prometheus text format).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -15,6 +16,7 @@ use rdkafka::consumer::Consumer;
 use tokio_util::sync::CancellationToken;
 
 use crate::kafka::IngestConsumer;
+use crate::liveness::{Health, LivenessState};
 use crate::metrics::IngestMetrics;
 
 #[derive(Clone)]
@@ -22,31 +24,47 @@ pub struct OpsState {
     pub metrics: IngestMetrics,
     pub consumer: Arc<IngestConsumer>,
     pub clickhouse: clickhouse::Client,
+    pub liveness: Arc<LivenessState>,
     pub shutdown: CancellationToken,
 }
 
 pub fn router(state: OpsState) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .with_state(state)
 }
 
-async fn readyz(State(state): State<OpsState>) -> impl IntoResponse {
+/// Fails only when the replica is stuck: restarting it is the cure. Waiting for a dependency
+/// that is down is not a reason to restart.
+async fn healthz(State(state): State<OpsState>) -> (StatusCode, String) {
+    match state.liveness.health() {
+        Health::Stuck { reason } => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stuck: {reason}\n"),
+        ),
+        _ => (StatusCode::OK, "ok\n".to_owned()),
+    }
+}
+
+async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
+    let unavailable = |text: String| (StatusCode::SERVICE_UNAVAILABLE, text);
     if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
+        return unavailable("shutting down\n".to_owned());
     }
     if !state.consumer.context().joined() {
-        return (
-            StatusCode::SERVICE_UNAVAILABLE,
-            "kafka consumer group not joined yet\n",
-        );
+        return unavailable("kafka consumer group not joined yet\n".to_owned());
+    }
+    match state.liveness.health() {
+        Health::Stuck { reason } => return unavailable(format!("stuck: {reason}\n")),
+        Health::Waiting { reason } => return unavailable(format!("waiting: {reason}\n")),
+        Health::Starting | Health::Progressing => {}
     }
     let ping = state.clickhouse.query("SELECT 1").fetch_one::<u8>();
     match tokio::time::timeout(Duration::from_secs(2), ping).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "clickhouse unreachable\n"),
+        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),
+        _ => unavailable("waiting: clickhouse unreachable\n".to_owned()),
     }
 }
 

@@ -1,12 +1,13 @@
 //! Kafka clients of the ingest service: the consumer with its rebalance/statistics context, the
 //! dead-letter producer, and helpers for message headers.
 
-use std::collections::BTreeSet;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
+use std::time::Instant;
 
 use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, ConsumerContext, Rebalance, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::producer::FutureProducer;
 use rdkafka::statistics::Statistics;
@@ -19,14 +20,24 @@ use crate::metrics::IngestMetrics;
 /// A topic partition, the unit of ordering and of offset commits.
 pub type PartitionKey = (String, i32);
 
-/// Observes the group protocol on behalf of the pipeline: which partitions were revoked since it
-/// last looked, whether the group was joined, and the lag figures librdkafka reports.
+/// Observes the group protocol on behalf of the pipeline and the liveness watchdog: which
+/// partitions were revoked since the loop last looked, how many rebalances happened, which
+/// partitions are assigned since when, whether the group was joined, and the lag figures
+/// librdkafka reports.
 pub struct IngestContext {
     metrics: IngestMetrics,
     joined: AtomicBool,
-    /// Set with `revoked`, so that the per-message check needs no lock when nothing changed.
-    any_revoked: AtomicBool,
+    /// Incremented after every assignment or revocation, so that the per-message check needs no
+    /// lock when nothing changed.
+    rebalances: AtomicU64,
     revoked: Mutex<BTreeSet<PartitionKey>>,
+    assigned: Mutex<BTreeMap<PartitionKey, Instant>>,
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl IngestContext {
@@ -34,8 +45,9 @@ impl IngestContext {
         Self {
             metrics,
             joined: AtomicBool::new(false),
-            any_revoked: AtomicBool::new(false),
+            rebalances: AtomicU64::new(0),
             revoked: Mutex::new(BTreeSet::new()),
+            assigned: Mutex::new(BTreeMap::new()),
         }
     }
 
@@ -44,16 +56,31 @@ impl IngestContext {
         self.joined.load(Ordering::Relaxed)
     }
 
+    /// How many assignments and revocations this member has seen.
+    pub fn rebalances(&self) -> u64 {
+        self.rebalances.load(Ordering::Acquire)
+    }
+
     /// Partitions revoked since the last call.
     pub fn take_revoked(&self) -> BTreeSet<PartitionKey> {
-        if !self.any_revoked.swap(false, Ordering::Acquire) {
-            return BTreeSet::new();
-        }
-        match self.revoked.lock() {
-            Ok(mut revoked) => std::mem::take(&mut *revoked),
-            Err(poisoned) => std::mem::take(&mut *poisoned.into_inner()),
-        }
+        std::mem::take(&mut *locked(&self.revoked))
     }
+
+    /// The partitions assigned to this member, each with the time it was given them.
+    pub fn assigned(&self) -> Vec<(PartitionKey, Instant)> {
+        locked(&self.assigned)
+            .iter()
+            .map(|(key, at)| (key.clone(), *at))
+            .collect()
+    }
+}
+
+fn keys(partitions: &rdkafka::TopicPartitionList) -> Vec<PartitionKey> {
+    partitions
+        .elements()
+        .iter()
+        .map(|e| (e.topic().to_owned(), e.partition()))
+        .collect()
 }
 
 impl ClientContext for IngestContext {
@@ -76,33 +103,42 @@ impl ConsumerContext for IngestContext {
     fn pre_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Revoke(partitions) => {
-                let revoked: Vec<PartitionKey> = partitions
-                    .elements()
-                    .iter()
-                    .map(|e| (e.topic().to_owned(), e.partition()))
-                    .collect();
+                let revoked = keys(partitions);
                 info!(partitions = revoked.len(), "partitions revoked");
-                for (topic, partition) in &revoked {
+                let mut assigned = locked(&self.assigned);
+                for key in &revoked {
+                    assigned.remove(key);
                     let _ = self
                         .metrics
                         .consumer_lag
-                        .remove_label_values(&[topic.as_str(), &partition.to_string()]);
+                        .remove_label_values(&[key.0.as_str(), &key.1.to_string()]);
                 }
-                match self.revoked.lock() {
-                    Ok(mut set) => set.extend(revoked),
-                    Err(poisoned) => poisoned.into_inner().extend(revoked),
-                }
-                self.any_revoked.store(true, Ordering::Release);
+                drop(assigned);
+                locked(&self.revoked).extend(revoked);
+                self.rebalances.fetch_add(1, Ordering::AcqRel);
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(err) => warn!(error = %err, "rebalance error"),
         }
     }
 
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+    fn post_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         if let Rebalance::Assign(partitions) = rebalance {
+            // Every partition this member is given starts fetching. librdkafka keeps the
+            // application's pause flag of a partition across revoke and re-assign (on removal
+            // it resets only its own LIB_PAUSE flag: rdkafka_assignment.c), so a partition the
+            // loop paused for back-pressure before a rebalance came back paused and was never
+            // fetched again, while the loop believed the new assignment started unpaused: the
+            // stall of issue 13. The loop pauses the new assignment again if it still waits
+            // for a flush (Pipeline::after_rebalance).
+            if let Err(err) = consumer.resume(partitions) {
+                warn!(error = %err, "cannot resume newly assigned partitions");
+            }
+            let now = Instant::now();
+            locked(&self.assigned).extend(keys(partitions).into_iter().map(|key| (key, now)));
             info!(partitions = partitions.count(), "partitions assigned");
             self.joined.store(true, Ordering::Relaxed);
+            self.rebalances.fetch_add(1, Ordering::AcqRel);
         }
     }
 }
@@ -132,19 +168,28 @@ fn client_config(
     client
 }
 
+/// How a consumer takes part in its group.
+pub enum Membership<'a> {
+    /// The service's consumer: subscribes with the configured assignor, session timeout and,
+    /// when set, its static `group.instance.id`.
+    Group(&'a KafkaConfig),
+    /// Assigns partitions itself (replay): a throwaway group, never joined.
+    Standalone,
+}
+
 /// The group consumer: offsets are committed by the pipeline only, after ClickHouse acknowledged.
 pub fn consumer(
     config: &KafkaConfig,
     group_id: &str,
+    membership: Membership<'_>,
     context: IngestContext,
 ) -> KafkaResult<IngestConsumer> {
-    client_config(
+    let mut client = client_config(
         config,
         &[
             ("auto.offset.reset", "earliest"),
             ("enable.partition.eof", "false"),
             ("statistics.interval.ms", "5000"),
-            ("session.timeout.ms", "10000"),
             ("heartbeat.interval.ms", "1000"),
             // Small prefetch, refilled often. librdkafka keeps a whole decompressed producer
             // batch alive while any of its messages waits in the queue, and one fetch response
@@ -165,8 +210,15 @@ pub fn consumer(
             ("enable.auto.offset.store", "false"),
             ("isolation.level", "read_committed"),
         ],
-    )
-    .create_with_context(context)
+    );
+    if let Membership::Group(group) = membership {
+        client.set("session.timeout.ms", group.session_timeout_ms().to_string());
+        client.set("partition.assignment.strategy", &group.assignor);
+        if let Some(id) = &group.instance_id {
+            client.set("group.instance.id", id);
+        }
+    }
+    client.create_with_context(context)
 }
 
 /// The dead-letter producer: idempotent, every write acknowledged by all in-sync replicas.

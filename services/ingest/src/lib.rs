@@ -13,6 +13,7 @@ pub mod directory;
 pub mod flush;
 pub mod http;
 pub mod kafka;
+pub mod liveness;
 pub mod loadgen;
 pub mod metrics;
 pub mod pipeline;

@@ -29,6 +29,8 @@ pub struct IngestMetrics {
     pub committed_offset: IntGaugeVec,
     pub newest_occurred_at: Gauge,
     pub enriched: IntCounterVec,
+    pub last_progress: Gauge,
+    pub stalled: prometheus::IntGauge,
 }
 
 impl IngestMetrics {
@@ -119,6 +121,24 @@ impl IngestMetrics {
             ))
             .expect("valid metric"),
         );
+        let last_progress = register(
+            &registry,
+            Gauge::with_opts(Opts::new(
+                "audit_ingest_last_progress_timestamp_seconds",
+                "Unix time up to which every assigned partition made progress (offset committed \
+                 or caught up, checked every liveness.check_interval_ms); current while idle.",
+            ))
+            .expect("valid metric"),
+        );
+        let stalled = register(
+            &registry,
+            prometheus::IntGauge::with_opts(Opts::new(
+                "audit_ingest_stalled",
+                "1 while partitions with lag have made no progress for liveness.stall_after_ms \
+                 (then /healthz fails), else 0.",
+            ))
+            .expect("valid metric"),
+        );
         // Every retried operation starts at 0, so that dashboards and alerts see the series
         // before the first failure.
         for operation in RETRIED_OPERATIONS {
@@ -139,6 +159,8 @@ impl IngestMetrics {
             committed_offset,
             newest_occurred_at,
             enriched,
+            last_progress,
+            stalled,
         }
     }
 

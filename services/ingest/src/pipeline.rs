@@ -1,9 +1,9 @@
 //! The consume loop: Kafka -> decode -> batch -> flush -> commit. One flush runs while the next
 //! batch fills; when that batch is full too, consumption waits for the flush, and if that takes
 //! long (ClickHouse slow or down) the assigned partitions are paused while the consumer keeps
-//! polling, so the group membership holds. Offsets are
-//! committed only after their flush, in order, so a committed offset never passes an event
-//! ClickHouse has not acknowledged.
+//! polling, so the group membership holds; after every rebalance the loop's pause state is
+//! applied to the new assignment. Offsets are committed only after their flush, in order, so a
+//! committed offset never passes an event ClickHouse has not acknowledged.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -22,6 +22,7 @@ use crate::batch::{decode, trace_context, Decoded, EventBatch};
 use crate::config::{BatchConfig, DeadLetterConfig};
 use crate::flush::{FlushError, FlushedBatch, Flusher};
 use crate::kafka::IngestConsumer;
+use crate::liveness::LivenessState;
 use crate::metrics::IngestMetrics;
 
 /// Why the consume loop stopped other than by a shutdown request.
@@ -99,6 +100,8 @@ pub struct Pipeline {
     pub shutdown_timeout: Duration,
     /// Set while shutting down: commits become synchronous.
     pub final_commit: std::sync::atomic::AtomicBool,
+    /// Told whether the loop holds uncommitted messages, for the liveness watchdog.
+    pub liveness: Arc<LivenessState>,
 }
 
 type InFlight = JoinHandle<Result<FlushedBatch, FlushError>>;
@@ -123,15 +126,15 @@ impl Pipeline {
         // Flushes under way, oldest first; committed strictly in this order.
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut paused = false;
+        let mut rebalances_seen = 0;
         let mut blocked_since: Option<Instant> = None;
         let mut guard = InvalidRatioGuard::new(&self.dead_letter);
         let max_age = self.batch.max_age();
 
         let outcome = loop {
-            if self.forget_revoked(&mut batch) {
-                // The new assignment starts unpaused.
-                paused = false;
-            }
+            self.after_rebalance(&mut batch, &mut rebalances_seen, paused);
+            self.liveness
+                .set_holding(!batch.is_empty() || !in_flight.is_empty());
 
             let due = !batch.is_empty()
                 && (batch.is_full(self.batch.max_rows, self.batch.max_bytes)
@@ -182,9 +185,7 @@ impl Pipeline {
                 }
                 received = self.consumer.recv(), if take_messages => match received {
                     Ok(message) => {
-                        if self.forget_revoked(&mut batch) {
-                            paused = false;
-                        }
+                        self.after_rebalance(&mut batch, &mut rebalances_seen, paused);
                         if let Err(err) = self.accept(&message, &mut batch, &mut guard) {
                             break Err(err);
                         }
@@ -196,9 +197,7 @@ impl Pipeline {
                             let Some(next) = self.consumer.recv().now_or_never() else { break };
                             match next {
                                 Ok(message) => {
-                                    if self.forget_revoked(&mut batch) {
-                                        paused = false;
-                                    }
+                                    self.after_rebalance(&mut batch, &mut rebalances_seen, paused);
                                     outcome = self.accept(&message, &mut batch, &mut guard);
                                     if outcome.is_err() {
                                         break;
@@ -306,19 +305,35 @@ impl Pipeline {
         Ok(())
     }
 
-    /// Drops the batch's messages of partitions revoked since the last call; true if any were
-    /// revoked. Their new owner reads them again from the last committed offset.
-    fn forget_revoked(&self, batch: &mut EventBatch) -> bool {
+    /// After a rebalance (`seen` is the count of rebalances handled): drops the batch's messages
+    /// of revoked partitions and, while the loop holds its partitions paused, pauses the new
+    /// assignment too. The assign callback resumes every partition it is given
+    /// (`IngestContext::post_rebalance`): a pause must never outlive the loop's own `paused`
+    /// state, which is what stalled partitions for good before.
+    fn after_rebalance(&self, batch: &mut EventBatch, seen: &mut u64, paused: bool) {
+        let rebalances = self.consumer.context().rebalances();
+        if rebalances == *seen {
+            return;
+        }
+        *seen = rebalances;
+        self.forget_revoked(batch);
+        if paused {
+            self.set_paused(true);
+        }
+    }
+
+    /// Drops the batch's messages of partitions revoked since the last call. Their new owner
+    /// reads them again from the last committed offset.
+    fn forget_revoked(&self, batch: &mut EventBatch) {
         let revoked = self.consumer.context().take_revoked();
         if revoked.is_empty() {
-            return false;
+            return;
         }
         let dropped = batch.drop_partitions(&revoked);
         info!(
             partitions = revoked.len(),
             dropped, "forgot revoked partitions"
         );
-        true
     }
 
     fn start_flush(&self, batch: EventBatch) -> InFlight {
@@ -340,20 +355,45 @@ impl Pipeline {
             self.consumer.resume(&assignment)
         };
         match result {
-            Ok(()) => debug!(pause, partitions = assignment.count(), "back-pressure"),
+            Ok(()) => info!(
+                pause,
+                partitions = assignment.count(),
+                "back-pressure: partitions paused or resumed"
+            ),
             Err(err) => warn!(error = %err, pause, "cannot pause or resume partitions"),
         }
     }
 
-    /// Commits the offsets a flush made durable. A failed commit only means re-delivery (the
-    /// events are stored and de-duplicated), so it is logged, not fatal.
+    /// Commits the offsets a flush made durable, for the partitions this member still owns (a
+    /// partition revoked while its flush ran belongs to another member now, whose commits must
+    /// not be moved back). A failed commit only means re-delivery (the events are stored and
+    /// de-duplicated), so it is logged, not fatal.
     fn commit(&self, flushed: &FlushedBatch) {
-        if flushed.next_offsets.is_empty() {
+        let owned: std::collections::BTreeSet<_> = self
+            .consumer
+            .context()
+            .assigned()
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        let next_offsets: Vec<_> = flushed
+            .next_offsets
+            .iter()
+            .filter(|(key, _)| owned.contains(*key))
+            .collect();
+        if next_offsets.len() < flushed.next_offsets.len() {
+            debug!(
+                partitions = flushed.next_offsets.len() - next_offsets.len(),
+                "not committing partitions revoked during their flush"
+            );
+        }
+        if next_offsets.is_empty() {
             return;
         }
         let mut offsets = TopicPartitionList::new();
-        for ((topic, partition), next) in &flushed.next_offsets {
-            if let Err(err) = offsets.add_partition_offset(topic, *partition, Offset::Offset(*next))
+        for ((topic, partition), next) in &next_offsets {
+            if let Err(err) =
+                offsets.add_partition_offset(topic, *partition, Offset::Offset(**next))
             {
                 warn!(topic, partition, error = %err, "cannot build offset list");
             }
@@ -367,14 +407,14 @@ impl Pipeline {
         };
         match self.consumer.commit(&offsets, mode) {
             Ok(()) => {
-                for ((topic, partition), next) in &flushed.next_offsets {
+                for ((topic, partition), next) in &next_offsets {
                     self.metrics
                         .committed_offset
                         .with_label_values(&[topic.as_str(), &partition.to_string()])
-                        .set(*next);
+                        .set(**next);
                 }
                 debug!(
-                    partitions = flushed.next_offsets.len(),
+                    partitions = next_offsets.len(),
                     inserted = flushed.inserted,
                     dead_lettered = flushed.dead_lettered,
                     "batch committed"

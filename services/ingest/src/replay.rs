@@ -74,7 +74,12 @@ pub async fn replay(
     let flusher = build_flusher(config, &metrics)?;
     // A throwaway group: replay assigns partitions itself and never commits.
     let group = format!("{}-replay-{}", config.kafka.group_id, std::process::id());
-    let consumer = kafka::consumer(&config.kafka, &group, IngestContext::new(metrics))?;
+    let consumer = kafka::consumer(
+        &config.kafka,
+        &group,
+        kafka::Membership::Standalone,
+        IngestContext::new(metrics),
+    )?;
 
     let plan = plan(&consumer, range)?;
     let total: i64 = plan.values().map(|(start, end)| (end - start).max(0)).sum();

@@ -215,7 +215,11 @@ impl Pipeline {
                     }
                     Err(err) => warn!(error = %err, "kafka consumer error"),
                 },
-                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() && !blocked => {}
+                // Only while a flush could start: with every flush slot taken, a batch past its
+                // age would fire this at once on every turn, a busy loop for as long as the
+                // flush ahead waits for ClickHouse (one core at 100% through an outage). The
+                // flush's completion wakes the loop instead.
+                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() && in_flight.len() < self.batch.max_in_flight => {}
             }
         };
 

@@ -506,6 +506,153 @@ async fn clickhouse_outage_holds_commits_and_everything_arrives_afterwards() {
         .is_some_and(|s| s.success()));
 }
 
+/// `/healthz` and `/readyz` of a replica, as (status, body).
+async fn probe(ingest: &IngestProcess, path: &str) -> (u16, String) {
+    let response = reqwest::get(format!("http://127.0.0.1:{}{path}", ingest.http_port))
+        .await
+        .unwrap();
+    (response.status().as_u16(), response.text().await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_that_cannot_progress_fails_healthz_and_one_waiting_for_clickhouse_does_not() {
+    let server = PrivateClickHouse::start();
+    let mut env = TestEnv::new("liveness", 3).await;
+    env.clickhouse.url = server.url();
+    let producer = producer();
+    let events = generate_events("live", 300);
+    let stall_after = Duration::from_secs(10);
+    let mut ingest = IngestProcess::spawn(
+        &env,
+        &[
+            ("AUDIT_INGEST__BATCH__MAX_AGE_MS", "100"),
+            ("AUDIT_INGEST__LIVENESS__STALL_AFTER_MS", "10000"),
+            ("AUDIT_INGEST__LIVENESS__CHECK_INTERVAL_MS", "1000"),
+        ],
+    );
+    ingest.wait_ready(READY).await;
+    publish(&env, &producer, &events[..100]).await;
+    env.wait_for_count(100, ARRIVE).await;
+    assert_eq!(probe(&ingest, "/healthz").await.0, 200);
+
+    // ClickHouse down for longer than stall_after: waiting, not stuck. Two bursts, so that a
+    // batch waits behind a flush that retries.
+    server.run("stop");
+    publish(&env, &producer, &events[100..150]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    publish(&env, &producer, &events[150..200]).await;
+    let down = std::time::Instant::now();
+    let cpu_before = audit_testkit::proc_cpu_seconds(ingest.child.id()).unwrap();
+    let mut said_waiting = false;
+    while down.elapsed() < stall_after + Duration::from_secs(6) {
+        let (health, body) = probe(&ingest, "/healthz").await;
+        assert_eq!(health, 200, "not stuck while ClickHouse is down: {body}");
+        let (ready, body) = probe(&ingest, "/readyz").await;
+        assert_eq!(ready, 503, "ready while ClickHouse is down: {body}");
+        said_waiting |= body.starts_with("waiting: clickhouse unreachable");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(said_waiting, "/readyz never said it waits for ClickHouse");
+    // Waiting costs next to nothing: a batch behind the retrying flush once made the loop spin
+    // a core at 100% for the whole outage (16 CPU-seconds here).
+    let cpu = audit_testkit::proc_cpu_seconds(ingest.child.id()).unwrap() - cpu_before;
+    assert!(
+        cpu < 4.0,
+        "{cpu:.1} CPU-seconds in {:?} of waiting",
+        down.elapsed()
+    );
+    server.run("start");
+    env.wait_for_count(200, ARRIVE).await;
+
+    // ClickHouse answers, but the events table is gone (an operator's mistake): every insert
+    // fails and is retried, nothing is committed. Stuck once stall_after has passed.
+    let client = env.client();
+    client
+        .query("RENAME TABLE audit_events TO audit_events_away")
+        .execute()
+        .await
+        .unwrap();
+    publish(&env, &producer, &events[200..]).await;
+    let stalled_from = std::time::Instant::now();
+    let (health, body) = loop {
+        let (health, body) = probe(&ingest, "/healthz").await;
+        if health == 503 {
+            break (health, body);
+        }
+        assert!(
+            stalled_from.elapsed() < stall_after + Duration::from_secs(20),
+            "/healthz still {health} {body} {:?} after inserts started failing:\n{}",
+            stalled_from.elapsed(),
+            ingest.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    assert!(
+        stalled_from.elapsed() >= stall_after,
+        "stuck before stall_after: {:?}",
+        stalled_from.elapsed()
+    );
+    assert_eq!(health, 503);
+    assert!(
+        body.starts_with("stuck: no progress for more than 10 s") && body.contains("lag "),
+        "{body}"
+    );
+    assert!(
+        body.contains(&env.topics[0])
+            || body.contains(&env.topics[1])
+            || body.contains(&env.topics[2]),
+        "{body}"
+    );
+    let (ready, ready_body) = probe(&ingest, "/readyz").await;
+    assert_eq!(
+        (ready, ready_body.starts_with("stuck: ")),
+        (503, true),
+        "{ready_body}"
+    );
+    let metrics = ingest.metrics().await;
+    assert_eq!(metric_sum(&metrics, "audit_ingest_stalled"), 1.0);
+    let last_progress = metric_sum(&metrics, "audit_ingest_last_progress_timestamp_seconds");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64();
+    assert!(
+        now - last_progress >= stall_after.as_secs_f64(),
+        "last progress {last_progress}, now {now}"
+    );
+    assert!(
+        ingest.logs().contains("ingest is stuck"),
+        "no error logged:\n{}",
+        ingest.logs()
+    );
+
+    // The table is back: the retried insert lands and the replica recovers by itself.
+    client
+        .query("RENAME TABLE audit_events_away TO audit_events")
+        .execute()
+        .await
+        .unwrap();
+    env.wait_for_count(300, ARRIVE).await;
+    let recovered = std::time::Instant::now();
+    while probe(&ingest, "/healthz").await.0 != 200 {
+        assert!(
+            recovered.elapsed() < Duration::from_secs(15),
+            "still stuck after recovery"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    assert_eq!(
+        metric_sum(&ingest.metrics().await, "audit_ingest_stalled"),
+        0.0
+    );
+    assert_eq!(env.visible_count().await, 300);
+    ingest.signal(Signal::SIGTERM);
+    assert!(ingest
+        .wait_exit(Duration::from_secs(10))
+        .await
+        .is_some_and(|s| s.success()));
+}
+
 fn replay(env: &TestEnv, args: &[&str]) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_audit-ingest"))
         .arg("replay")

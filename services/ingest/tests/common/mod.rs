@@ -2,6 +2,8 @@
 //! `audit-ingest` binary as a child process, and helpers to produce and to read back.
 #![allow(dead_code)] // each test binary uses a different part
 
+pub mod chaos;
+
 use std::collections::BTreeMap;
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
@@ -33,6 +35,7 @@ pub fn free_port() -> u16 {
 }
 
 /// One test's private Kafka topics, consumer group and ClickHouse database.
+#[derive(Clone)]
 pub struct TestEnv {
     pub name: String,
     pub topics: Vec<String>,
@@ -111,6 +114,24 @@ impl TestEnv {
             .fetch_one()
             .await
             .unwrap_or(0)
+    }
+
+    /// Rows stored, copies included.
+    pub async fn stored_rows(&self) -> u64 {
+        self.client()
+            .query("SELECT count() FROM audit_events")
+            .fetch_one()
+            .await
+            .unwrap_or(0)
+    }
+
+    /// Rows of the de-duplicating read (`FINAL`) and distinct event ids among them.
+    pub async fn visible_and_distinct(&self) -> (u64, u64) {
+        self.client()
+            .query("SELECT count(), uniqExact(id) FROM audit_events FINAL")
+            .fetch_one::<(u64, u64)>()
+            .await
+            .unwrap_or((0, 0))
     }
 
     pub async fn visible_ids(&self) -> Vec<String> {
@@ -234,13 +255,16 @@ pub fn valid_examples() -> Vec<Value> {
 pub fn generate_events(prefix: &str, count: usize) -> Vec<Value> {
     let examples = valid_examples();
     (0..count)
-        .map(|i| {
-            let mut event = examples[i % examples.len()].clone();
-            event["id"] = Value::String(format!("{prefix}-{i:06}"));
-            event["organizationId"] = Value::String(format!("org_{}", i % 3));
-            event
-        })
+        .map(|i| generated_event(&examples, prefix, i))
         .collect()
+}
+
+/// The `i`-th event of [`generate_events`].
+pub fn generated_event(examples: &[Value], prefix: &str, i: usize) -> Value {
+    let mut event = examples[i % examples.len()].clone();
+    event["id"] = Value::String(format!("{prefix}-{i:06}"));
+    event["organizationId"] = Value::String(format!("org_{}", i % 3));
+    event
 }
 
 /// The topic an event belongs on, by the usual routing: user.* -> users, team*.* -> teams, else auth.
@@ -280,14 +304,22 @@ pub struct IngestProcess {
 
 impl IngestProcess {
     pub fn spawn(env: &TestEnv, extra: &[(&str, &str)]) -> Self {
+        let label = uuid::Uuid::new_v4().simple().to_string();
+        Self::spawn_binary(
+            env,
+            Path::new(env!("CARGO_BIN_EXE_audit-ingest")),
+            &label,
+            extra,
+        )
+    }
+
+    /// Starts `binary` (the build under test, or a release build for a benchmark); its log goes
+    /// to a temporary file named after the test and `label`.
+    pub fn spawn_binary(env: &TestEnv, binary: &Path, label: &str, extra: &[(&str, &str)]) -> Self {
         let http_port = free_port();
-        let log = std::env::temp_dir().join(format!(
-            "audit-ingest-{}-{}.log",
-            env.name,
-            uuid::Uuid::new_v4().simple()
-        ));
+        let log = std::env::temp_dir().join(format!("audit-ingest-{}-{label}.log", env.group));
         let file = std::fs::File::create(&log).unwrap();
-        let mut command = Command::new(env!("CARGO_BIN_EXE_audit-ingest"));
+        let mut command = Command::new(binary);
         command
             .arg("run")
             .envs(env.ingest_env(http_port))
@@ -376,7 +408,7 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
 pub struct PrivateClickHouse {
     pub state: PathBuf,
     pub http_port: u16,
-    tcp_port: u16,
+    pub tcp_port: u16,
 }
 
 impl PrivateClickHouse {
@@ -395,12 +427,18 @@ impl PrivateClickHouse {
     }
 
     pub fn run(&self, action: &str) {
+        Self::control(&self.state, self.http_port, self.tcp_port, action);
+    }
+
+    /// `clickhouse.sh start|stop` for the server of that state directory and ports (callable
+    /// from a blocking task, which cannot borrow the server).
+    pub fn control(state: &Path, http_port: u16, tcp_port: u16, action: &str) {
         let status = Command::new("bash")
             .arg(repo_root().join("deploy/local/clickhouse.sh"))
             .arg(action)
-            .env("AUDIT_STATE_DIR", &self.state)
-            .env("AUDIT_CLICKHOUSE_HTTP_PORT", self.http_port.to_string())
-            .env("AUDIT_CLICKHOUSE_TCP_PORT", self.tcp_port.to_string())
+            .env("AUDIT_STATE_DIR", state)
+            .env("AUDIT_CLICKHOUSE_HTTP_PORT", http_port.to_string())
+            .env("AUDIT_CLICKHOUSE_TCP_PORT", tcp_port.to_string())
             .status()
             .unwrap();
         assert!(status.success(), "clickhouse.sh {action} failed");

@@ -110,6 +110,9 @@ pub struct Verdict {
 pub struct ProgressTracker {
     stall_after: Duration,
     partitions: HashMap<PartitionKey, Tracked>,
+    /// The end of the last wait for a dependency: no stall clock starts before it, also for a
+    /// partition first read after the wait.
+    waited_until: Option<Instant>,
 }
 
 #[derive(Debug)]
@@ -126,6 +129,7 @@ impl ProgressTracker {
         Self {
             stall_after,
             partitions: HashMap::new(),
+            waited_until: None,
         }
     }
 
@@ -149,7 +153,10 @@ impl ProgressTracker {
                     stall_since: partition.assigned_at,
                     progressed_at: partition.assigned_at,
                 });
-            tracked.stall_since = tracked.stall_since.max(partition.assigned_at);
+            tracked.stall_since = tracked
+                .stall_since
+                .max(partition.assigned_at)
+                .max(self.waited_until.unwrap_or(partition.assigned_at));
             tracked.progressed_at = tracked.progressed_at.max(partition.assigned_at);
             let moved = partition.committed > tracked.committed;
             tracked.committed = partition.committed;
@@ -181,11 +188,12 @@ impl ProgressTracker {
     }
 
     /// A dependency does not answer: the time spent waiting for it is not a stall, so every
-    /// stall clock starts again from `at`. The last progress stays what it was.
+    /// stall clock starts again from `at`, including those of partitions not read yet. The
+    /// last progress stays what it was.
     pub fn wait(&mut self, at: Instant, reason: String) -> Verdict {
+        self.waited_until = Some(self.waited_until.map_or(at, |until| until.max(at)));
         let mut last_progress = at;
-        for tracked in self.partitions.values_mut() {
-            tracked.stall_since = tracked.stall_since.max(at);
+        for tracked in self.partitions.values() {
             last_progress = last_progress.min(tracked.progressed_at);
         }
         Verdict {
@@ -543,6 +551,24 @@ mod tests {
         assert!(matches!(
             tracker
                 .observe(&lagging(outage_end + Duration::from_secs(121)))
+                .health,
+            Health::Stuck { .. }
+        ));
+    }
+
+    #[test]
+    fn a_partition_assigned_before_a_wait_and_first_read_after_it_starts_its_clock_there() {
+        // Assigned, then ClickHouse went away before the first reading could be taken.
+        let t0 = Instant::now();
+        let mut tracker = ProgressTracker::new(STALL);
+        let back = t0 + Duration::from_secs(200);
+        tracker.wait(back, "clickhouse unreachable".to_owned());
+        let lagging = |at| reading(at, vec![partition(t0, Some(10), Some(90), 500)], true);
+        let verdict = tracker.observe(&lagging(back + Duration::from_secs(5)));
+        assert_eq!(verdict.health, Health::Progressing);
+        assert!(matches!(
+            tracker
+                .observe(&lagging(back + Duration::from_secs(121)))
                 .health,
             Health::Stuck { .. }
         ));

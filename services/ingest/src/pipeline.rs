@@ -106,6 +106,9 @@ pub struct Pipeline {
 
 type InFlight = JoinHandle<Result<FlushedBatch, FlushError>>;
 
+/// How long leaving the group may take at shutdown.
+const LEAVE_WITHIN: Duration = Duration::from_secs(2);
+
 /// How long a full batch waits for the flush ahead of it before the partitions are paused.
 const PAUSE_AFTER: Duration = Duration::from_secs(5);
 
@@ -239,7 +242,7 @@ impl Pipeline {
                         warn!("final flush timed out; uncommitted events will be re-delivered")
                     }
                 }
-                self.consumer.unsubscribe();
+                self.leave_group().await;
                 Ok(())
             }
             Err(err) => {
@@ -254,7 +257,7 @@ impl Pipeline {
                         _ => break,
                     }
                 }
-                self.consumer.unsubscribe();
+                self.leave_group().await;
                 Err(err)
             }
         }
@@ -278,6 +281,24 @@ impl Pipeline {
             self.commit(&flushed);
         }
         Ok(())
+    }
+
+    /// Leaves the consumer group, so that the partitions move to the other replicas at once. A
+    /// static member (`kafka.instance_id`) sends no LeaveGroup when its consumer is closed, by
+    /// design (KIP-345: a crashed replica that comes back keeps its partitions), but it does
+    /// when it unsubscribes and its partitions are given up, which takes polling. Without
+    /// this, a replica stopped for good (a scale-down) held its partitions for a whole session
+    /// timeout, and every rebalance meanwhile waited for it, failing the others' commits.
+    async fn leave_group(&self) {
+        self.consumer.unsubscribe();
+        let deadline = Instant::now() + LEAVE_WITHIN;
+        while !self.consumer.context().assigned().is_empty() && Instant::now() < deadline {
+            // Serves the revocation; a message received now is not committed and is read
+            // again by the partition's next owner.
+            let _ = tokio::time::timeout(Duration::from_millis(100), self.consumer.recv()).await;
+        }
+        // The LeaveGroup request goes out once the partitions are given up.
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
     /// Decodes one message into the batch. The rebalance callbacks run inside `recv()`, so the

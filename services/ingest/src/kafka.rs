@@ -32,6 +32,8 @@ pub struct IngestContext {
     rebalances: AtomicU64,
     revoked: Mutex<BTreeSet<PartitionKey>>,
     assigned: Mutex<BTreeMap<PartitionKey, Instant>>,
+    /// Set when librdkafka reports a failed offset commit; the loop commits again.
+    commit_failed: AtomicBool,
 }
 
 fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -48,6 +50,7 @@ impl IngestContext {
             rebalances: AtomicU64::new(0),
             revoked: Mutex::new(BTreeSet::new()),
             assigned: Mutex::new(BTreeMap::new()),
+            commit_failed: AtomicBool::new(false),
         }
     }
 
@@ -64,6 +67,11 @@ impl IngestContext {
     /// Partitions revoked since the last call.
     pub fn take_revoked(&self) -> BTreeSet<PartitionKey> {
         std::mem::take(&mut *locked(&self.revoked))
+    }
+
+    /// Whether an offset commit failed since the last call.
+    pub fn take_commit_failed(&self) -> bool {
+        self.commit_failed.swap(false, Ordering::AcqRel)
     }
 
     /// The partitions assigned to this member, each with the time it was given them.
@@ -119,6 +127,13 @@ impl ConsumerContext for IngestContext {
             }
             Rebalance::Assign(_) => {}
             Rebalance::Error(err) => warn!(error = %err, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &rdkafka::TopicPartitionList) {
+        let failed = result.is_err() || offsets.elements().iter().any(|e| e.error().is_err());
+        if failed {
+            self.commit_failed.store(true, Ordering::Release);
         }
     }
 

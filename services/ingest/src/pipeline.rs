@@ -5,7 +5,7 @@
 //! applied to the new assignment. Offsets are committed only after their flush, in order, so a
 //! committed offset never passes an event ClickHouse has not acknowledged.
 
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ use tracing::{debug, error, info, warn};
 use crate::batch::{decode, trace_context, Decoded, EventBatch};
 use crate::config::{BatchConfig, DeadLetterConfig};
 use crate::flush::{FlushError, FlushedBatch, Flusher};
-use crate::kafka::IngestConsumer;
+use crate::kafka::{IngestConsumer, PartitionKey};
 use crate::liveness::LivenessState;
 use crate::metrics::IngestMetrics;
 
@@ -130,12 +130,14 @@ impl Pipeline {
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
         let mut paused = false;
         let mut rebalances_seen = 0;
+        let mut durable = DurableOffsets::default();
         let mut blocked_since: Option<Instant> = None;
         let mut guard = InvalidRatioGuard::new(&self.dead_letter);
         let max_age = self.batch.max_age();
 
         let outcome = loop {
-            self.after_rebalance(&mut batch, &mut rebalances_seen, paused);
+            self.after_rebalance(&mut batch, &mut durable, &mut rebalances_seen, paused);
+            self.retry_failed_commit(&mut durable);
             self.liveness
                 .set_holding(!batch.is_empty() || !in_flight.is_empty());
 
@@ -177,7 +179,10 @@ impl Pipeline {
                 joined = async { in_flight.front_mut().expect("guarded by if").await }, if !in_flight.is_empty() => {
                     in_flight.pop_front();
                     match joined {
-                        Ok(Ok(flushed)) => self.commit(&flushed),
+                        Ok(Ok(flushed)) => {
+                            durable.record(&flushed.next_offsets);
+                            self.commit(&flushed);
+                        }
                         Ok(Err(err)) => break Err(PipelineError::Flush(err)),
                         Err(err) => break Err(PipelineError::FlushTask(err)),
                     }
@@ -188,7 +193,7 @@ impl Pipeline {
                 }
                 received = self.consumer.recv(), if take_messages => match received {
                     Ok(message) => {
-                        self.after_rebalance(&mut batch, &mut rebalances_seen, paused);
+                        self.after_rebalance(&mut batch, &mut durable, &mut rebalances_seen, paused);
                         if let Err(err) = self.accept(&message, &mut batch, &mut guard) {
                             break Err(err);
                         }
@@ -200,7 +205,7 @@ impl Pipeline {
                             let Some(next) = self.consumer.recv().now_or_never() else { break };
                             match next {
                                 Ok(message) => {
-                                    self.after_rebalance(&mut batch, &mut rebalances_seen, paused);
+                                    self.after_rebalance(&mut batch, &mut durable, &mut rebalances_seen, paused);
                                     outcome = self.accept(&message, &mut batch, &mut guard);
                                     if outcome.is_err() {
                                         break;
@@ -218,6 +223,9 @@ impl Pipeline {
                     }
                     Err(err) => warn!(error = %err, "kafka consumer error"),
                 },
+                // While offsets could need committing again, look at least every second
+                // whether a commit failed (the loop may otherwise sleep in recv()).
+                _ = tokio::time::sleep(COMMIT_RETRY_EVERY), if durable.watching() => {}
                 // Only while a flush could start: with every flush slot taken, a batch past its
                 // age would fire this at once on every turn, a busy loop for as long as the
                 // flush ahead waits for ClickHouse (one core at 100% through an outage). The
@@ -335,30 +343,36 @@ impl Pipeline {
     /// assignment too. The assign callback resumes every partition it is given
     /// (`IngestContext::post_rebalance`): a pause must never outlive the loop's own `paused`
     /// state, which is what stalled partitions for good before.
-    fn after_rebalance(&self, batch: &mut EventBatch, seen: &mut u64, paused: bool) {
+    fn after_rebalance(
+        &self,
+        batch: &mut EventBatch,
+        durable: &mut DurableOffsets,
+        seen: &mut u64,
+        paused: bool,
+    ) {
         let rebalances = self.consumer.context().rebalances();
         if rebalances == *seen {
             return;
         }
         *seen = rebalances;
-        self.forget_revoked(batch);
+        durable.forget(&self.forget_revoked(batch));
         if paused {
             self.set_paused(true);
         }
     }
 
-    /// Drops the batch's messages of partitions revoked since the last call. Their new owner
-    /// reads them again from the last committed offset.
-    fn forget_revoked(&self, batch: &mut EventBatch) {
+    /// Drops the batch's messages of partitions revoked since the last call, and returns those
+    /// partitions. Their new owner reads the messages again from the last committed offset.
+    fn forget_revoked(&self, batch: &mut EventBatch) -> BTreeSet<PartitionKey> {
         let revoked = self.consumer.context().take_revoked();
-        if revoked.is_empty() {
-            return;
+        if !revoked.is_empty() {
+            let dropped = batch.drop_partitions(&revoked);
+            info!(
+                partitions = revoked.len(),
+                dropped, "forgot revoked partitions"
+            );
         }
-        let dropped = batch.drop_partitions(&revoked);
-        info!(
-            partitions = revoked.len(),
-            dropped, "forgot revoked partitions"
-        );
+        revoked
     }
 
     fn start_flush(&self, batch: EventBatch) -> InFlight {
@@ -394,26 +408,39 @@ impl Pipeline {
     /// not be moved back). A failed commit only means re-delivery (the events are stored and
     /// de-duplicated), so it is logged, not fatal.
     fn commit(&self, flushed: &FlushedBatch) {
-        let owned: std::collections::BTreeSet<_> = self
+        if self.commit_offsets(&flushed.next_offsets) {
+            debug!(
+                partitions = flushed.next_offsets.len(),
+                inserted = flushed.inserted,
+                dead_lettered = flushed.dead_lettered,
+                "batch committed"
+            );
+        }
+    }
+
+    /// Commits `next_offsets` of the partitions still owned; true if a commit was queued (or,
+    /// at shutdown, done).
+    fn commit_offsets(&self, next_offsets: &BTreeMap<PartitionKey, i64>) -> bool {
+        let owned: BTreeSet<_> = self
             .consumer
             .context()
             .assigned()
             .into_iter()
             .map(|(key, _)| key)
             .collect();
-        let next_offsets: Vec<_> = flushed
-            .next_offsets
+        let owned_offsets: Vec<_> = next_offsets
             .iter()
             .filter(|(key, _)| owned.contains(*key))
             .collect();
-        if next_offsets.len() < flushed.next_offsets.len() {
+        if owned_offsets.len() < next_offsets.len() {
             debug!(
-                partitions = flushed.next_offsets.len() - next_offsets.len(),
+                partitions = next_offsets.len() - owned_offsets.len(),
                 "not committing partitions revoked during their flush"
             );
         }
+        let next_offsets = owned_offsets;
         if next_offsets.is_empty() {
-            return;
+            return false;
         }
         let mut offsets = TopicPartitionList::new();
         for ((topic, partition), next) in &next_offsets {
@@ -438,12 +465,7 @@ impl Pipeline {
                         .with_label_values(&[topic.as_str(), &partition.to_string()])
                         .set(**next);
                 }
-                debug!(
-                    partitions = next_offsets.len(),
-                    inserted = flushed.inserted,
-                    dead_lettered = flushed.dead_lettered,
-                    "batch committed"
-                );
+                true
             }
             Err(err) => {
                 self.metrics
@@ -451,8 +473,76 @@ impl Pipeline {
                     .with_label_values(&["offset_commit"])
                     .inc();
                 warn!(error = %err, "offset commit failed; the batch will be re-delivered and de-duplicated");
+                false
             }
         }
+    }
+
+    /// Commits again what this member made durable if an asynchronous commit failed since the
+    /// last call (librdkafka reports it through the commit callback).
+    fn retry_failed_commit(&self, durable: &mut DurableOffsets) {
+        let failed = self.consumer.context().take_commit_failed();
+        if let Some(next_offsets) = durable.due(failed, Instant::now()) {
+            self.metrics
+                .retries
+                .with_label_values(&["offset_commit"])
+                .inc();
+            if self.commit_offsets(next_offsets) {
+                debug!(
+                    partitions = next_offsets.len(),
+                    "failed offset commit retried"
+                );
+            }
+        }
+    }
+}
+
+/// How often a failed offset commit is tried again (while commits keep failing, e.g. during a
+/// rebalance).
+const COMMIT_RETRY_EVERY: Duration = Duration::from_secs(1);
+
+/// The offsets this member made durable, per partition it owns, and whether a commit of them
+/// failed. A commit that fails (during a rebalance, say) is tried again with them, also when no
+/// more messages arrive on the partition to carry a later commit: otherwise the committed
+/// offset stays behind for good, every lag monitor shows lag that is not there, and a restart
+/// reads the events again.
+#[derive(Debug, Default)]
+struct DurableOffsets {
+    next: BTreeMap<PartitionKey, i64>,
+    retry: bool,
+    last_retry: Option<Instant>,
+}
+
+impl DurableOffsets {
+    fn record(&mut self, next_offsets: &BTreeMap<PartitionKey, i64>) {
+        for (key, next) in next_offsets {
+            let entry = self.next.entry(key.clone()).or_insert(*next);
+            *entry = (*entry).max(*next);
+        }
+    }
+
+    fn forget(&mut self, revoked: &BTreeSet<PartitionKey>) {
+        self.next.retain(|key, _| !revoked.contains(key));
+    }
+
+    /// Whether anything could need committing again: the loop wakes up for it.
+    fn watching(&self) -> bool {
+        self.retry || !self.next.is_empty()
+    }
+
+    /// The offsets to commit again now: after a failure, at most once per
+    /// `COMMIT_RETRY_EVERY`.
+    fn due(&mut self, failed: bool, now: Instant) -> Option<&BTreeMap<PartitionKey, i64>> {
+        self.retry |= failed;
+        let too_soon = self
+            .last_retry
+            .is_some_and(|at| now < at + COMMIT_RETRY_EVERY);
+        if !self.retry || too_soon || self.next.is_empty() {
+            return None;
+        }
+        self.retry = false;
+        self.last_retry = Some(now);
+        Some(&self.next)
     }
 }
 
@@ -466,6 +556,50 @@ mod tests {
             max_invalid_ratio: limit,
             window_messages: window,
         })
+    }
+
+    fn offsets(entries: &[(&str, i32, i64)]) -> BTreeMap<PartitionKey, i64> {
+        entries
+            .iter()
+            .map(|(t, p, o)| (((*t).to_owned(), *p), *o))
+            .collect()
+    }
+
+    #[test]
+    fn a_failed_commit_is_retried_once_per_interval_with_the_highest_durable_offsets() {
+        let mut durable = DurableOffsets::default();
+        let t0 = Instant::now();
+        assert!(durable.due(false, t0).is_none(), "nothing to commit");
+        durable.record(&offsets(&[("a", 0, 10), ("a", 1, 5)]));
+        durable.record(&offsets(&[("a", 0, 20)]));
+        assert!(durable.due(false, t0).is_none(), "no failure, no retry");
+        assert_eq!(
+            durable.due(true, t0),
+            Some(&offsets(&[("a", 0, 20), ("a", 1, 5)]))
+        );
+        // It failed again at once: the next try waits for the interval.
+        assert!(durable.due(true, t0 + Duration::from_millis(10)).is_none());
+        assert!(durable
+            .due(false, t0 + COMMIT_RETRY_EVERY - Duration::from_millis(1))
+            .is_none());
+        assert!(durable.due(false, t0 + COMMIT_RETRY_EVERY).is_some());
+        assert!(
+            durable.due(false, t0 + COMMIT_RETRY_EVERY * 3).is_none(),
+            "done"
+        );
+    }
+
+    #[test]
+    fn revoked_partitions_are_not_committed_again() {
+        let mut durable = DurableOffsets::default();
+        durable.record(&offsets(&[("a", 0, 10), ("a", 1, 5)]));
+        durable.forget(&BTreeSet::from([("a".to_owned(), 0)]));
+        assert_eq!(
+            durable.due(true, Instant::now()),
+            Some(&offsets(&[("a", 1, 5)]))
+        );
+        durable.forget(&BTreeSet::from([("a".to_owned(), 1)]));
+        assert!(!durable.watching());
     }
 
     #[test]

@@ -15,8 +15,11 @@ use std::time::Duration;
 use common::chaos::{seed_from_env, ChaosRun, ChaosSettings, Plan, PlanShape};
 use common::*;
 
-/// How long a partition with lag may go without a commit, outside ClickHouse's outage.
-const MAX_PARTITION_STALL: Duration = Duration::from_secs(45);
+/// How long a partition with lag may go without a commit, outside ClickHouse's outage. The
+/// longest legitimate wait: a rebalance whose leader is killed half-way waits out the dead
+/// member's 30 s session, and every replica's commits fail meanwhile (they go on storing);
+/// seen up to 40 s over ten seeds. A partition left paused stays without commits for good.
+const MAX_PARTITION_STALL: Duration = Duration::from_secs(60);
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_under_kills_an_outage_and_scaling_store_every_event_once_and_never_stall() {
@@ -80,8 +83,7 @@ async fn replicas_under_kills_an_outage_and_scaling_store_every_event_once_and_n
         "visible rows and distinct ids must both equal the events published\n{report}"
     );
     // Seen from Kafka: no partition with lag goes long without a commit (ClickHouse's outage
-    // aside). The longest legitimate wait is a removed replica's partitions: a static member
-    // leaves no word, so the group waits out its 30 s session before moving them.
+    // aside).
     let (stall, partition) = &outcome.longest_partition_stall;
     assert!(
         *stall < MAX_PARTITION_STALL,

@@ -141,7 +141,7 @@ def used_metrics():
             exprs.append(("rule: " + rule["alert"], rule["expr"]))
     for where, expr in exprs:
         check(expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{where}: unbalanced {expr}")
-    for needed in ["consumer_lag", "dead_lettered", "newest_occurred_at", "requests_total"]:
+    for needed in ["consumer_lag", "dead_lettered", "newest_occurred_at", "last_progress_timestamp", "requests_total"]:
         check(any(needed in e for _, e in exprs if _.startswith("rule")), f"no alert on {needed}")
     names = {}
     for where, expr in exprs:

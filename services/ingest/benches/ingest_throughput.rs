@@ -8,6 +8,16 @@
 //!   3. Reference (ceiling): INSERT ... FORMAT RowBinary of the same rows from a file.
 //!      Lines 1-3 run in `BENCH_ROUNDS` (default 3) interleaved rounds; medians are compared.
 //!   4. Freshness at a fixed 5,000 events/s: produce -> visible, p50 / p99 / max.
+//!   5. Liveness (`support/chaos_lines.rs`): events/s visible during the chaos test's schedule
+//!      against the same load without faults, and kill -> resume times with static and dynamic
+//!      group membership.
+//!
+//! `BENCH_INGEST_LINES=throughput` or `=chaos` runs one group of lines.
+
+#[path = "support/chaos_lines.rs"]
+mod chaos_lines;
+#[path = "../tests/common/mod.rs"]
+mod common;
 
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -372,8 +382,28 @@ fn rounds() -> usize {
         .max(1)
 }
 
+/// Which groups of lines to run: `BENCH_INGEST_LINES=throughput,chaos` (default both).
+fn enabled(lines: &str) -> bool {
+    std::env::var("BENCH_INGEST_LINES")
+        .map_or(true, |wanted| wanted.split(',').any(|w| w.trim() == lines))
+}
+
 #[tokio::main]
 async fn main() {
+    println!(
+        "# audit-ingest benchmark ({} UTC)",
+        chrono::Utc::now().format("%Y-%m-%d %H:%M")
+    );
+    if enabled("throughput") {
+        throughput_lines().await;
+    }
+    if enabled("chaos") {
+        chaos_lines::lines().await;
+    }
+}
+
+/// Throughput against the two references, freshness and memory.
+async fn throughput_lines() {
     let suffix = chrono::Utc::now().format("%m%d%H%M%S").to_string();
     let prefix = format!("bench.events.{suffix}");
     eprintln!("bench: pre-filling {EVENTS} events into {prefix}.*");
@@ -451,10 +481,6 @@ async fn main() {
     let peak_rss = ingest_rss.max(fresh_rss);
     let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
 
-    println!(
-        "# audit-ingest benchmark ({} UTC)",
-        chrono::Utc::now().format("%Y-%m-%d %H:%M")
-    );
     println!();
     println!(
         "machine: {} cores; ClickHouse {} and Kafka 4.1 on loopback (make up); pre-fill: {fill_line}",

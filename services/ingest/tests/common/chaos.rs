@@ -524,7 +524,7 @@ impl ChaosRun<'_> {
             }
 
             if outcome.visible_at_publish_end.is_none() && publisher.is_finished() {
-                outcome.visible_at_publish_end = Some(self.env.visible_count().await);
+                outcome.visible_at_publish_end = self.env.try_visible_count().await;
             }
 
             if last_watch.elapsed() >= Duration::from_secs(1) {

@@ -116,13 +116,14 @@ impl TestEnv {
             .unwrap_or(0)
     }
 
-    /// Rows stored, copies included.
-    pub async fn stored_rows(&self) -> u64 {
+    /// Like [`Self::visible_count`], but None when the query fails (e.g. on the first request
+    /// after ClickHouse was restarted) instead of 0.
+    pub async fn try_visible_count(&self) -> Option<u64> {
         self.client()
-            .query("SELECT count() FROM audit_events")
+            .query("SELECT count() FROM audit_events FINAL")
             .fetch_one()
             .await
-            .unwrap_or(0)
+            .ok()
     }
 
     /// Rows of the de-duplicating read (`FINAL`) and distinct event ids among them.

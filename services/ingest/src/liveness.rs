@@ -264,6 +264,9 @@ fn read_partitions(
         }
         Ok(list)
     };
+    if assigned.is_empty() {
+        return Ok(Vec::new());
+    }
     let committed = consumer.committed_offsets(list(None)?, QUESTION_TIMEOUT)?;
     let position = consumer.position()?;
     // ListOffsets with the special timestamps -2 (earliest) and -1 (latest), in the consumer's

@@ -217,10 +217,7 @@ impl Directory {
     }
 
     fn with_cache<R>(&self, f: impl FnOnce(&mut LruCache<FactKey, Cached>) -> R) -> R {
-        match self.cache.lock() {
-            Ok(mut cache) => f(&mut cache),
-            Err(poisoned) => f(&mut poisoned.into_inner()),
-        }
+        f(&mut crate::locked(&self.cache))
     }
 
     /// The stored or batch-stated values for every field of `rows` that the directory can

@@ -15,6 +15,7 @@ use rdkafka::ClientContext;
 use tracing::{info, warn};
 
 use crate::config::KafkaConfig;
+use crate::locked;
 use crate::metrics::IngestMetrics;
 
 /// A topic partition, the unit of ordering and of offset commits.
@@ -34,12 +35,6 @@ pub struct IngestContext {
     assigned: Mutex<BTreeMap<PartitionKey, Instant>>,
     /// Set when librdkafka reports a failed offset commit; the loop commits again.
     commit_failed: AtomicBool,
-}
-
-fn locked<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl IngestContext {
@@ -72,6 +67,23 @@ impl IngestContext {
     /// Whether an offset commit failed since the last call.
     pub fn take_commit_failed(&self) -> bool {
         self.commit_failed.swap(false, Ordering::AcqRel)
+    }
+
+    /// The entries of `offsets` whose partitions are assigned to this member.
+    pub fn owned<'a>(
+        &self,
+        offsets: &'a BTreeMap<PartitionKey, i64>,
+    ) -> Vec<(&'a PartitionKey, &'a i64)> {
+        let assigned = locked(&self.assigned);
+        offsets
+            .iter()
+            .filter(|(key, _)| assigned.contains_key(*key))
+            .collect()
+    }
+
+    /// Whether any partition is assigned to this member.
+    pub fn has_assignment(&self) -> bool {
+        !locked(&self.assigned).is_empty()
     }
 
     /// The partitions assigned to this member, each with the time it was given them.

@@ -21,4 +21,12 @@ pub mod replay;
 pub mod sink;
 
 pub use app::Application;
+
+/// Locks `mutex`, also after a panic elsewhere poisoned it: every value the service keeps
+/// behind a lock (caches, sets of partitions, a health verdict) stays usable as it was.
+pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
 pub use config::IngestConfig;

@@ -300,7 +300,7 @@ impl Pipeline {
     async fn leave_group(&self) {
         self.consumer.unsubscribe();
         let deadline = Instant::now() + LEAVE_WITHIN;
-        while !self.consumer.context().assigned().is_empty() && Instant::now() < deadline {
+        while self.consumer.context().has_assignment() && Instant::now() < deadline {
             // Serves the revocation; a message received now is not committed and is read
             // again by the partition's next owner.
             let _ = tokio::time::timeout(Duration::from_millis(100), self.consumer.recv()).await;
@@ -421,24 +421,14 @@ impl Pipeline {
     /// Commits `next_offsets` of the partitions still owned; true if a commit was queued (or,
     /// at shutdown, done).
     fn commit_offsets(&self, next_offsets: &BTreeMap<PartitionKey, i64>) -> bool {
-        let owned: BTreeSet<_> = self
-            .consumer
-            .context()
-            .assigned()
-            .into_iter()
-            .map(|(key, _)| key)
-            .collect();
-        let owned_offsets: Vec<_> = next_offsets
-            .iter()
-            .filter(|(key, _)| owned.contains(*key))
-            .collect();
-        if owned_offsets.len() < next_offsets.len() {
+        let owned = self.consumer.context().owned(next_offsets);
+        if owned.len() < next_offsets.len() {
             debug!(
-                partitions = next_offsets.len() - owned_offsets.len(),
+                partitions = next_offsets.len() - owned.len(),
                 "not committing partitions revoked during their flush"
             );
         }
-        let next_offsets = owned_offsets;
+        let next_offsets = owned;
         if next_offsets.is_empty() {
             return false;
         }

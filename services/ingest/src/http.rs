@@ -61,10 +61,9 @@ async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
         Health::Waiting { reason } => return unavailable(format!("waiting: {reason}\n")),
         Health::Starting | Health::Progressing => {}
     }
-    let ping = state.clickhouse.query("SELECT 1").fetch_one::<u8>();
-    match tokio::time::timeout(Duration::from_secs(2), ping).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n".to_owned()),
-        _ => unavailable("waiting: clickhouse unreachable\n".to_owned()),
+    match audit_store::ping(&state.clickhouse, Duration::from_secs(2)).await {
+        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
+        Err(_) => unavailable("waiting: clickhouse unreachable\n".to_owned()),
     }
 }
 

@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 
 use crate::config::LivenessConfig;
 use crate::kafka::{IngestConsumer, PartitionKey};
+use crate::locked;
 use crate::metrics::IngestMetrics;
 
 /// What the replica says about itself.
@@ -221,17 +222,11 @@ impl Default for LivenessState {
 
 impl LivenessState {
     pub fn health(&self) -> Health {
-        match self.health.lock() {
-            Ok(health) => health.clone(),
-            Err(poisoned) => poisoned.into_inner().clone(),
-        }
+        locked(&self.health).clone()
     }
 
     fn set_health(&self, health: Health) {
-        match self.health.lock() {
-            Ok(mut current) => *current = health,
-            Err(poisoned) => *poisoned.into_inner() = health,
-        }
+        *locked(&self.health) = health;
     }
 
     /// Called by the consume loop: whether it holds messages whose offsets are not committed.
@@ -365,11 +360,8 @@ async fn check_dependencies(
     clickhouse: &clickhouse::Client,
     state: &LivenessState,
 ) -> Result<Reading, String> {
-    let ping = clickhouse.query("SELECT 1").fetch_one::<u8>();
-    match tokio::time::timeout(QUESTION_TIMEOUT, ping).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(err)) => return Err(format!("clickhouse unreachable: {err}")),
-        Err(_) => return Err("clickhouse unreachable: no answer within 5 s".to_owned()),
+    if let Err(err) = audit_store::ping(clickhouse, QUESTION_TIMEOUT).await {
+        return Err(format!("clickhouse unreachable: {err}"));
     }
     let assigned = consumer.context().assigned();
     let reader = Arc::clone(consumer);

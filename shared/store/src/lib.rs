@@ -4,10 +4,12 @@
 mod config;
 mod error;
 pub mod migrations;
+mod ping;
 mod rows;
 
 pub use config::{ClickHouseConfig, Compression};
 pub use error::{exception_code, StoreError};
+pub use ping::{ping, PingError};
 pub use rows::{
     AuditEventRow, DirectoryTeamRow, DirectoryUserRow, Lineage, DIRECTORY_TEAMS_TABLE,
     DIRECTORY_USERS_TABLE, EVENTS_TABLE,

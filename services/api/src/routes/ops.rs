@@ -23,10 +23,9 @@ pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
     if !state.keys.loaded() {
         return (StatusCode::SERVICE_UNAVAILABLE, "api keys not loaded yet\n");
     }
-    let ping = state.store.client().query("SELECT 1").fetch_one::<u8>();
-    match tokio::time::timeout(Duration::from_secs(2), ping).await {
-        Ok(Ok(_)) => (StatusCode::OK, "ready\n"),
-        _ => (StatusCode::SERVICE_UNAVAILABLE, "clickhouse unreachable\n"),
+    match audit_store::ping(state.store.client(), Duration::from_secs(2)).await {
+        Ok(()) => (StatusCode::OK, "ready\n"),
+        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "clickhouse unreachable\n"),
     }
 }
 

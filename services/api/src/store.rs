@@ -5,6 +5,7 @@
 //! De-duplication: `FINAL` collapses rows that share the sorting key (organization, time, id),
 //! so a re-delivered event shows once even before the background merge ran.
 
+use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -640,14 +641,15 @@ impl AuditLogStore {
         Some((condition, sql))
     }
 
-    /// Number of events matching the filters, and whether it is exact. Up to
-    /// [`EXACT_TOTAL_LIMIT`] events it counts distinct events; above, it is the number of
-    /// stored rows, which exceeds the distinct count only by re-deliveries ClickHouse has not
-    /// merged yet (a distinct count of millions of rows costs a second or more on 18.16), except
-    /// when every month in range is one merged part: then no re-delivery can be pending and the
-    /// stored rows are exact at any size. The stored rows are counted per month, and a month
-    /// whose parts did not change since an earlier request is not counted again (see
-    /// [`crate::partitions`]).
+    /// Number of events matching the filters, and whether it is exact. The ingest stores no
+    /// copy of its own re-deliveries, and finds and collapses copies of events published twice
+    /// upstream (`audit_event_duplicates`), so the stored rows of a month are its events unless
+    /// a copy was found there and not collapsed yet: then the total is the stored-row count of
+    /// every month in range (counted per month, and a month whose parts did not change since
+    /// an earlier request is not counted again, see [`crate::partitions`]), and exact. In a
+    /// month with a copy pending the old rules apply: up to [`EXACT_TOTAL_LIMIT`] events it
+    /// counts distinct events; above, it is the number of stored rows (exceeding the events by
+    /// the copies not collapsed yet), exact only when every month in range is one merged part.
     pub async fn count(
         &self,
         organization_id: &str,
@@ -658,15 +660,22 @@ impl AuditLogStore {
         let distinct_sql = Self::distinct_sql(&condition);
         let distinct = || self.fetch_one::<u64>("count_distinct", &condition, &distinct_sql);
         let span = (filters.from_ms, filters.to_ms);
-        let months = self.months(table).await?;
+        let (months, pending) = tokio::try_join!(self.months(table), self.pending_copies())?;
         let stored = || self.stored_count(organization_id, filters, &condition, months.clone());
+        if months.as_deref().is_some_and(|m| {
+            m.iter()
+                .filter(|m| m.meets(span.0, span.1))
+                .all(|m| !pending.contains(&m.id))
+        }) {
+            return Ok((stored().await?.0, true));
+        }
         if months
             .as_deref()
             .is_some_and(|m| partitions::all_merged(m, span.0, span.1))
         {
-            // No month in range can hold a re-delivery: the stored rows are the events. A month
+            // No month in range can hold a copy: the stored rows are the events. A month
             // counted just now must still be the merged part it was listed as, since a part
-            // written in between could hold a re-delivery that the count included.
+            // written in between could hold a copy that the count included.
             let (n, counted_now) = stored().await?;
             return Ok((n, self.still_listed(table, &counted_now).await?));
         }
@@ -752,6 +761,17 @@ impl AuditLogStore {
         }
         let now = self.months(table).await?.unwrap_or_default();
         Ok(counted_now.iter().all(|month| now.contains(month)))
+    }
+
+    /// The months holding copies found and not collapsed yet (see [`Self::count`]). Read
+    /// alongside the parts listing, so a total costs no extra round trip.
+    async fn pending_copies(&self) -> Result<BTreeSet<String>, ApiError> {
+        let started = Instant::now();
+        let months = audit_store::pending_duplicate_months(&self.client)
+            .await
+            .map_err(|err| from_clickhouse(&err))?;
+        self.metrics.observe_query("pending_copies", started);
+        Ok(months)
     }
 
     /// What an export reads (see [`ExportSource`]).

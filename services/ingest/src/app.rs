@@ -11,6 +11,8 @@ use tracing::info;
 use crate::config::IngestConfig;
 use crate::dead_letter::DeadLetterProducer;
 use crate::directory::Directory;
+use crate::duplicates::{self, DuplicateWatch};
+use crate::fence::{Fences, Fencing};
 use crate::flush::Flusher;
 use crate::http::{self, OpsState};
 use crate::kafka::{self, IngestContext};
@@ -68,6 +70,11 @@ pub fn build_flusher(config: &IngestConfig, metrics: &IngestMetrics) -> Result<F
         )
     });
     Ok(Flusher {
+        fencing: Fencing {
+            sink: sink.clone(),
+            fences: Fences::default(),
+        },
+        duplicates: Arc::new(DuplicateWatch::default()),
         sink,
         directory,
         dead_letters,
@@ -79,6 +86,7 @@ pub struct Application {
     pipeline: Pipeline,
     ops: OpsState,
     config: IngestConfig,
+    duplicates: Arc<DuplicateWatch>,
 }
 
 impl Application {
@@ -94,6 +102,7 @@ impl Application {
             IngestContext::new(metrics.clone()),
         )?);
         let flusher = Arc::new(build_flusher(&config, &metrics)?);
+        let duplicates = Arc::clone(&flusher.duplicates);
         let liveness = Arc::new(LivenessState::default());
         let pipeline = Pipeline {
             consumer: Arc::clone(&consumer),
@@ -117,6 +126,7 @@ impl Application {
             pipeline,
             ops,
             config,
+            duplicates,
         })
     }
 
@@ -137,6 +147,12 @@ impl Application {
             self.config.liveness.clone(),
             shutdown.clone(),
         ));
+        let duplicates = tokio::spawn(duplicates::watch(
+            self.duplicates,
+            self.ops.clickhouse.clone(),
+            self.ops.metrics.clone(),
+            shutdown.clone(),
+        ));
         let (bound, server) = http::serve(address, self.ops)
             .await
             .map_err(|source| AppError::Listen { address, source })?;
@@ -146,6 +162,7 @@ impl Application {
         shutdown.cancel();
         let _ = server.await;
         let _ = watchdog.await;
+        let _ = duplicates.await;
         result.map_err(AppError::from)
     }
 }

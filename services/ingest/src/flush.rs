@@ -1,6 +1,7 @@
 //! One flush of a batch, everything that must be durable before its offsets may be committed:
 //! fill fields from the directory, insert the events (rows ClickHouse rejects become dead
-//! letters), store the directory facts, produce and await the dead letters.
+//! letters; re-delivered rows stored already are not inserted again, see [`crate::fence`]),
+//! store the directory facts, produce and await the dead letters.
 
 use std::collections::BTreeMap;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -8,12 +9,14 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use audit_event::{EventError, RejectReason};
 use audit_store::{AuditEventRow, EVENTS_TABLE};
 use rdkafka::error::KafkaError;
-use tracing::{info_span, warn, Instrument};
+use tracing::{debug, info_span, warn, Instrument};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::batch::{DeadLetter, EventBatch, SourcePosition};
 use crate::dead_letter::DeadLetterProducer;
 use crate::directory::{facts_of, Directory, KnownValues};
+use crate::duplicates::DuplicateWatch;
+use crate::fence::{partition_stored, report_skipped, Claim, Fencing, Split};
 use crate::kafka::PartitionKey;
 use crate::metrics::IngestMetrics;
 use crate::sink::{ClickHouseSink, InsertError};
@@ -25,6 +28,8 @@ pub enum FlushError {
     DeadLetter(#[source] KafkaError),
     #[error("the directory projection could not be written: {0}")]
     Directory(#[source] InsertError),
+    #[error("cannot read or write what is stored already (the ingest's fences): {0}")]
+    Fence(#[source] InsertError),
 }
 
 /// What a completed flush made durable.
@@ -33,6 +38,8 @@ pub struct FlushedBatch {
     pub next_offsets: BTreeMap<PartitionKey, i64>,
     pub inserted: usize,
     pub dead_lettered: usize,
+    /// Re-delivered events found stored already.
+    pub skipped: usize,
 }
 
 pub struct Flusher {
@@ -40,10 +47,29 @@ pub struct Flusher {
     pub directory: Option<Directory>,
     pub dead_letters: DeadLetterProducer,
     pub metrics: IngestMetrics,
+    pub fencing: Fencing,
+    pub duplicates: std::sync::Arc<DuplicateWatch>,
+}
+
+/// What became of a flush's events.
+#[derive(Default)]
+struct Stored {
+    inserted: Vec<AuditEventRow>,
+    rejected: Vec<(AuditEventRow, InsertError)>,
+    /// Found stored already (re-delivered), not inserted again.
+    skipped: usize,
+    /// Of partitions revoked during the flush: left to their new owner.
+    released: usize,
 }
 
 impl Flusher {
-    pub async fn flush(&self, batch: EventBatch) -> Result<FlushedBatch, FlushError> {
+    /// Flushes `batch`. `claim`: the assignment of its partitions when the flush started (none
+    /// for a replay); rows of partitions revoked since are left to the new owner.
+    pub async fn flush(
+        &self,
+        batch: EventBatch,
+        claim: Option<Claim>,
+    ) -> Result<FlushedBatch, FlushError> {
         let span = info_span!(
             "ingest.flush",
             events = batch.events.len(),
@@ -52,10 +78,16 @@ impl Flusher {
         for context in &batch.trace_links {
             span.add_link(context.clone());
         }
-        self.flush_inner(batch).instrument(span).await
+        self.flush_inner(batch, claim.as_ref())
+            .instrument(span)
+            .await
     }
 
-    async fn flush_inner(&self, batch: EventBatch) -> Result<FlushedBatch, FlushError> {
+    async fn flush_inner(
+        &self,
+        batch: EventBatch,
+        claim: Option<&Claim>,
+    ) -> Result<FlushedBatch, FlushError> {
         let next_offsets = batch.next_offsets();
         let EventBatch {
             events: mut rows,
@@ -101,21 +133,24 @@ impl Flusher {
         phase("directory_read", started);
         let bytes: usize = rows.iter().map(AuditEventRow::wire_size).sum();
         let started = std::time::Instant::now();
-        let rejected = self.insert_events(&rows).await;
+        let stored = self.store_events(rows, claim).await?;
         phase("insert", started);
+        self.duplicates.note(&stored.inserted);
         let mut inserted_per_topic: BTreeMap<&str, u64> = BTreeMap::new();
         let mut newest_ms = None;
-        for (index, row) in rows.iter().enumerate() {
-            if rejected.iter().any(|(i, _)| *i == index) {
-                continue;
-            }
+        for row in &stored.inserted {
             *inserted_per_topic
                 .entry(row.source_topic.as_str())
                 .or_default() += 1;
             newest_ms = newest_ms.max(Some(row.occurred_at_ms));
         }
-        for (index, error) in &rejected {
-            let row = &rows[*index];
+        if stored.released > 0 {
+            debug!(
+                events = stored.released,
+                "partitions revoked during the flush: their events are left to the new owner"
+            );
+        }
+        for (row, error) in &stored.rejected {
             dead_letters.push(DeadLetter {
                 key: Some(row.id.clone().into_bytes()),
                 // The original bytes are gone by now; the row as it was to be stored stands in.
@@ -145,7 +180,7 @@ impl Flusher {
             .map_err(FlushError::DeadLetter)?;
         phase("dead_letter", started);
 
-        let inserted = rows.len() - rejected.len();
+        let inserted = stored.inserted.len();
         self.metrics
             .batch_rows
             .with_label_values(&[] as &[&str])
@@ -170,28 +205,114 @@ impl Flusher {
             next_offsets,
             inserted,
             dead_lettered: dead_letters.len(),
+            skipped: stored.skipped,
         })
     }
 
-    /// Inserts all rows; if ClickHouse rejects the data, finds the rejected rows one by one.
-    /// Returns the indexes of the rows that were not stored, with the reason.
-    async fn insert_events(&self, rows: &[AuditEventRow]) -> Vec<(usize, InsertError)> {
-        match self.sink.insert(EVENTS_TABLE, rows).await {
-            Ok(()) => Vec::new(),
-            Err(err) => {
+    /// Stores `rows` exactly once: rows at or below their partition's fence are looked up and
+    /// skipped if stored already, the intents of the rest are recorded, and they are inserted
+    /// while the claim holds. If ClickHouse rejects the data, the rejected rows are found one
+    /// by one (a rejected insert stored nothing).
+    async fn store_events(
+        &self,
+        rows: Vec<AuditEventRow>,
+        claim: Option<&Claim>,
+    ) -> Result<Stored, FlushError> {
+        let mut stored = Stored::default();
+        let Split { uncertain, fresh } = self
+            .fencing
+            .split(rows, claim)
+            .await
+            .map_err(FlushError::Fence)?;
+        let mut rows = fresh;
+        if !uncertain.is_empty() {
+            rows.extend(self.skip_stored(uncertain, &mut stored).await?);
+        }
+        // Before the claim is checked: a member that takes a partition over after this check
+        // reads these intents (see crate::fence).
+        self.fencing
+            .write_intents(&rows)
+            .await
+            .map_err(FlushError::Fence)?;
+        match self.insert_fenced(rows, claim, &mut stored).await? {
+            Ok(()) => {}
+            Err((rows, err)) => {
                 warn!(rows = rows.len(), error = %err, "batch rejected, inserting rows one by one");
-                let mut rejected = Vec::new();
-                for (index, row) in rows.iter().enumerate() {
-                    if let Err(err) = self
-                        .sink
-                        .insert(EVENTS_TABLE, std::slice::from_ref(row))
-                        .await
+                for row in rows {
+                    if let Err((mut row, err)) =
+                        self.insert_fenced(vec![row], claim, &mut stored).await?
                     {
-                        rejected.push((index, err));
+                        stored.rejected.extend(row.pop().map(|row| (row, err)));
                     }
                 }
-                rejected
             }
         }
+        Ok(stored)
+    }
+
+    /// Inserts `rows` (their intents recorded) until ClickHouse acknowledges them or rejects
+    /// the data (then returns them with the reason). Before every attempt the rows of
+    /// partitions no longer held are dropped; after a failed attempt, which may have landed in
+    /// whole or in part, the rows stored meanwhile are looked up and not inserted again.
+    async fn insert_fenced(
+        &self,
+        mut rows: Vec<AuditEventRow>,
+        claim: Option<&Claim>,
+        stored: &mut Stored,
+    ) -> Result<Result<(), (Vec<AuditEventRow>, InsertError)>, FlushError> {
+        let mut delays = backon::BackoffBuilder::build(self.sink.backoff());
+        loop {
+            if let Some(claim) = claim {
+                let before = rows.len();
+                rows.retain(|row| claim.holds(&(row.source_topic.clone(), row.source_partition)));
+                stored.released += before - rows.len();
+            }
+            if rows.is_empty() {
+                return Ok(Ok(()));
+            }
+            match self.sink.insert_once(EVENTS_TABLE, &rows).await {
+                Ok(()) => {
+                    stored.inserted.append(&mut rows);
+                    return Ok(Ok(()));
+                }
+                Err(err) if !err.is_transient() => return Ok(Err((rows, err))),
+                Err(err) => {
+                    let delay = delays.next().unwrap_or(std::time::Duration::from_secs(1));
+                    self.metrics
+                        .retries
+                        .with_label_values(&["clickhouse_insert"])
+                        .inc();
+                    warn!(operation = "clickhouse_insert", error = %err, retry_in_ms = delay.as_millis() as u64, "clickhouse request failed, retrying");
+                    tokio::time::sleep(delay).await;
+                    rows = self.skip_stored(rows, stored).await?;
+                }
+            }
+        }
+    }
+
+    /// The rows of `rows` not stored yet; the others are counted as skipped, and any copy table
+    /// that lacks them is filled.
+    async fn skip_stored(
+        &self,
+        rows: Vec<AuditEventRow>,
+        stored: &mut Stored,
+    ) -> Result<Vec<AuditEventRow>, FlushError> {
+        let found = self
+            .sink
+            .retry_transient("fence_lookup", || self.fencing.stored(&rows))
+            .await
+            .map_err(FlushError::Fence)?;
+        let looked_up = rows.len();
+        let (insert, skip) = partition_stored(rows, &found);
+        if !skip.is_empty() {
+            self.sink
+                .retry_transient("fence_lookup", || self.fencing.fill_copies(&skip))
+                .await
+                .map_err(FlushError::Fence)?;
+            self.metrics.already_stored.inc_by(skip.len() as u64);
+            report_skipped(skip.len(), looked_up);
+            stored.skipped += skip.len();
+        }
+        Ok(insert)
     }
 }

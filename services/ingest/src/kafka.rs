@@ -81,6 +81,24 @@ impl IngestContext {
             .collect()
     }
 
+    /// When each of `partitions` assigned to this member was given to it (the assignment it
+    /// belongs to: a partition revoked and assigned again gets a new time).
+    pub fn assigned_since(
+        &self,
+        partitions: &BTreeSet<PartitionKey>,
+    ) -> BTreeMap<PartitionKey, Instant> {
+        let assigned = locked(&self.assigned);
+        partitions
+            .iter()
+            .filter_map(|key| Some((key.clone(), *assigned.get(key)?)))
+            .collect()
+    }
+
+    /// When `partition` was given to this member, if it is assigned.
+    pub fn assigned_at(&self, partition: &PartitionKey) -> Option<Instant> {
+        locked(&self.assigned).get(partition).copied()
+    }
+
     /// Whether any partition is assigned to this member.
     pub fn has_assignment(&self) -> bool {
         !locked(&self.assigned).is_empty()

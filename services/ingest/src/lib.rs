@@ -10,6 +10,8 @@ pub mod cli;
 pub mod config;
 pub mod dead_letter;
 pub mod directory;
+pub mod duplicates;
+pub mod fence;
 pub mod flush;
 pub mod http;
 pub mod kafka;

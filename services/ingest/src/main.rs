@@ -43,8 +43,8 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .await
                 .context("replay failed")?;
             println!(
-                "replayed {} messages: {} events stored (duplicates collapse), {} dead-lettered",
-                summary.messages, summary.events, summary.dead_letters
+                "replayed {} messages: {} events ({} of them stored already, not stored again), {} dead-lettered",
+                summary.messages, summary.events, summary.already_stored, summary.dead_letters
             );
         }
         Command::Migrate => {

@@ -5,8 +5,11 @@ use prometheus::{
 };
 
 /// The `operation` label values of `audit_ingest_retries_total`.
-pub const RETRIED_OPERATIONS: [&str; 4] = [
+pub const RETRIED_OPERATIONS: [&str; 7] = [
     "clickhouse_insert",
+    "fence_read",
+    "fence_write",
+    "fence_lookup",
     "directory_read",
     "dead_letter_produce",
     "offset_commit",
@@ -31,6 +34,9 @@ pub struct IngestMetrics {
     pub enriched: IntCounterVec,
     pub last_progress: Gauge,
     pub stalled: prometheus::IntGauge,
+    pub already_stored: prometheus::IntCounter,
+    pub duplicates_found: prometheus::IntCounter,
+    pub duplicate_collapses: prometheus::IntCounter,
 }
 
 impl IngestMetrics {
@@ -139,6 +145,26 @@ impl IngestMetrics {
             ))
             .expect("valid metric"),
         );
+        let int_counter = |name: &str, help: &str| {
+            register(
+                &registry,
+                prometheus::IntCounter::with_opts(Opts::new(name, help)).expect("valid metric"),
+            )
+        };
+        let already_stored = int_counter(
+            "audit_ingest_events_already_stored_total",
+            "Re-delivered events (after a crash, a rebalance, a failed insert attempt or a \
+             replay) found stored already and not inserted again.",
+        );
+        let duplicates_found = int_counter(
+            "audit_ingest_duplicate_rows_found_total",
+            "Surplus rows of events stored more than once, found by the check after insert \
+             (upstream duplicates, mostly); their months are collapsed.",
+        );
+        let duplicate_collapses = int_counter(
+            "audit_ingest_duplicate_collapses_total",
+            "Months merged into one row per event after copies were found.",
+        );
         // Every retried operation starts at 0, so that dashboards and alerts see the series
         // before the first failure.
         for operation in RETRIED_OPERATIONS {
@@ -161,6 +187,9 @@ impl IngestMetrics {
             enriched,
             last_progress,
             stalled,
+            already_stored,
+            duplicates_found,
+            duplicate_collapses,
         }
     }
 

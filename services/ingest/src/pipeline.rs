@@ -20,6 +20,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::batch::{decode, trace_context, Decoded, EventBatch};
 use crate::config::{BatchConfig, DeadLetterConfig};
+use crate::fence::Claim;
 use crate::flush::{FlushError, FlushedBatch, Flusher};
 use crate::kafka::{IngestConsumer, PartitionKey};
 use crate::liveness::LivenessState;
@@ -285,7 +286,8 @@ impl Pipeline {
         let mut batch = batch;
         self.forget_revoked(&mut batch);
         if !batch.is_empty() {
-            let flushed = self.flusher.flush(batch).await?;
+            let claim = self.claim(&batch);
+            let flushed = self.flusher.flush(batch, Some(claim)).await?;
             self.commit(&flushed);
         }
         Ok(())
@@ -377,7 +379,14 @@ impl Pipeline {
 
     fn start_flush(&self, batch: EventBatch) -> InFlight {
         let flusher = Arc::clone(&self.flusher);
-        tokio::spawn(async move { flusher.flush(batch).await })
+        let claim = self.claim(&batch);
+        tokio::spawn(async move { flusher.flush(batch, Some(claim)).await })
+    }
+
+    /// The batch's partitions in the assignment they belong to now.
+    fn claim(&self, batch: &EventBatch) -> Claim {
+        let partitions = batch.next_offsets().into_keys().collect();
+        Claim::new(Arc::clone(self.consumer.context()), &partitions)
     }
 
     fn set_paused(&self, pause: bool) {

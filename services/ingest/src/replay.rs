@@ -42,6 +42,8 @@ pub struct ReplaySummary {
     pub messages: u64,
     pub events: u64,
     pub dead_letters: u64,
+    /// Events found stored already (not stored again).
+    pub already_stored: u64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,7 +80,7 @@ pub async fn replay(
         &config.kafka,
         &group,
         kafka::Membership::Standalone,
-        IngestContext::new(metrics),
+        IngestContext::new(metrics.clone()),
     )?;
 
     let plan = plan(&consumer, range)?;
@@ -159,14 +161,19 @@ pub async fn replay(
             || batch.age() >= batch_config.max_age()
             || (remaining.is_empty() && !batch.is_empty());
         if due && !batch.is_empty() {
-            flusher.flush(std::mem::take(&mut batch)).await?;
+            let flushed = flusher.flush(std::mem::take(&mut batch), None).await?;
+            summary.already_stored += flushed.skipped as u64;
         }
     }
+    // What the replay stored is checked for copies of upstream duplicates now; the service's
+    // watcher collapses the months found.
+    crate::duplicates::check_noted(&flusher.duplicates, flusher.sink.client(), &metrics).await;
     progress.finish_and_clear();
     info!(
         messages = summary.messages,
         events = summary.events,
         dead_letters = summary.dead_letters,
+        already_stored = summary.already_stored,
         "replay done"
     );
     Ok(summary)

@@ -2,12 +2,16 @@
 //! types of the events table, and the migrations runner for `schemas/clickhouse/`.
 
 mod config;
+mod copies;
 mod error;
 pub mod migrations;
 mod ping;
 mod rows;
 
 pub use config::{ClickHouseConfig, Compression};
+pub use copies::{
+    pending_duplicate_months, CopyTable, COPY_TABLES, DUPLICATES_TABLE, INTENTS_TABLE,
+};
 pub use error::{exception_code, StoreError};
 pub use ping::{ping, PingError};
 pub use rows::{

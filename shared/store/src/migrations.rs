@@ -45,6 +45,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "create_actor_email_rows",
         sql: include_str!("../../../schemas/clickhouse/0005_create_actor_email_rows.sql"),
     },
+    Migration {
+        version: 6,
+        name: "create_ingest_fences",
+        sql: include_str!("../../../schemas/clickhouse/0006_create_ingest_fences.sql"),
+    },
 ];
 
 const RECORD_TABLE: &str = "schema_migrations";

@@ -16,7 +16,7 @@ pub struct Lineage {
 }
 
 /// One row of `audit_events` (see `schemas/clickhouse/0001_create_audit_events.sql`).
-#[derive(Debug, Clone, PartialEq, Row, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Row, Serialize, Deserialize)]
 pub struct AuditEventRow {
     pub organization_id: String,
     pub occurred_at_ms: i64,

@@ -135,6 +135,19 @@ impl TestEnv {
             .unwrap_or((0, 0))
     }
 
+    /// Stored rows (no `FINAL`: copies not merged yet included) and distinct event ids, per
+    /// organization.
+    pub async fn stored_and_distinct(&self) -> BTreeMap<String, (u64, u64)> {
+        self.client()
+            .query("SELECT organization_id, count(), uniqExact(id) FROM audit_events GROUP BY organization_id")
+            .fetch_all::<(String, u64, u64)>()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(org, rows, ids)| (org, (rows, ids)))
+            .collect()
+    }
+
     pub async fn visible_ids(&self) -> Vec<String> {
         self.client()
             .query("SELECT id FROM audit_events FINAL ORDER BY id")
@@ -450,5 +463,107 @@ impl Drop for PrivateClickHouse {
     fn drop(&mut self) {
         self.run("stop");
         let _ = std::fs::remove_dir_all(&self.state);
+    }
+}
+
+/// The read API as a user meets it: the `audit-api` binary of this workspace (built here if
+/// needed, with the profile of the test) serving the test's database, with an admin key per
+/// organization created through its CLI.
+pub struct ApiProcess {
+    child: Child,
+    port: u16,
+    keys: BTreeMap<String, String>,
+}
+
+impl ApiProcess {
+    fn binary() -> PathBuf {
+        if let Some(path) = std::env::var_os("AUDIT_API_BINARY") {
+            return path.into();
+        }
+        let ingest = PathBuf::from(env!("CARGO_BIN_EXE_audit-ingest"));
+        let release = ingest.parent().is_some_and(|dir| dir.ends_with("release"));
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut build = Command::new(cargo);
+        build
+            .args(["build", "-q", "-p", "audit-api", "--bin", "audit-api"])
+            .current_dir(repo_root());
+        if release {
+            build.arg("--release");
+        }
+        assert!(build.status().unwrap().success(), "cannot build audit-api");
+        ingest.with_file_name("audit-api")
+    }
+
+    pub async fn spawn(env: &TestEnv, organizations: &[&str]) -> Self {
+        let binary = Self::binary();
+        let clickhouse = [
+            ("AUDIT_API__CLICKHOUSE__URL", env.clickhouse.url.clone()),
+            (
+                "AUDIT_API__CLICKHOUSE__DATABASE",
+                env.clickhouse.database.clone(),
+            ),
+            ("AUDIT_API__READ_EVENTS__ENABLED", "false".to_owned()),
+            ("AUDIT_API__TELEMETRY__LOG_FILTER", "warn".to_owned()),
+        ];
+        let mut keys = BTreeMap::new();
+        for org in organizations {
+            let output = Command::new(&binary)
+                .args(["keys", "create", "--org", org, "--role", "admin", "--quiet"])
+                .envs(clickhouse.iter().map(|(k, v)| (*k, v)))
+                .output()
+                .unwrap();
+            assert!(
+                output.status.success(),
+                "{}",
+                String::from_utf8_lossy(&output.stderr)
+            );
+            let key = String::from_utf8(output.stdout).unwrap().trim().to_owned();
+            keys.insert((*org).to_owned(), key);
+        }
+        let port = free_port();
+        let child = Command::new(&binary)
+            .arg("serve")
+            .env("AUDIT_API__HTTP_LISTEN", format!("127.0.0.1:{port}"))
+            .envs(clickhouse.iter().map(|(k, v)| (*k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let api = Self { child, port, keys };
+        let ready = format!("http://127.0.0.1:{port}/readyz");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !matches!(reqwest::get(&ready).await, Ok(r) if r.status().is_success()) {
+            assert!(Instant::now() < deadline, "audit-api did not become ready");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        api
+    }
+
+    /// `total` and `X-Total-Count-Exact` of the organization's unfiltered first page.
+    pub async fn total(&self, organization: &str) -> (u64, bool) {
+        let response = reqwest::Client::new()
+            .get(format!(
+                "http://127.0.0.1:{}/api/v1/organization/audit-logs?limit=1",
+                self.port
+            ))
+            .header("X-API-Key", &self.keys[organization])
+            .send()
+            .await
+            .unwrap();
+        assert!(response.status().is_success(), "{}", response.status());
+        let exact = response
+            .headers()
+            .get("x-total-count-exact")
+            .and_then(|v| v.to_str().ok())
+            == Some("true");
+        let body: Value = serde_json::from_slice(&response.bytes().await.unwrap()).unwrap();
+        (body["total"].as_u64().unwrap(), exact)
+    }
+}
+
+impl Drop for ApiProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

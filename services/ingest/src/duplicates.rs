@@ -10,7 +10,7 @@
 //! insert, and collapsed at the next turn of the watcher (of any replica: the pending months
 //! are read from ClickHouse, so a replica that found a copy and died leaves it to the others).
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -43,20 +43,21 @@ pub struct DuplicateWatch {
 impl DuplicateWatch {
     /// Notes the key ranges of inserted rows.
     pub fn note(&self, rows: &[AuditEventRow]) {
-        let mut ranges = locked(&self.ranges);
+        // Borrowed keys first: a batch covers few (organization, hour) ranges.
+        let mut batch: HashMap<(&str, i64), (i64, i64)> = HashMap::new();
         for row in rows {
-            let hour = row.occurred_at_ms.div_euclid(HOUR_MS);
-            // Keyed by borrowed lookups first: most rows fall in a range already noted.
             let at = row.occurred_at_ms;
-            match ranges.get_mut(&(row.organization_id.clone(), hour)) {
-                Some(span) => {
-                    span.0 = span.0.min(at);
-                    span.1 = span.1.max(at);
-                }
-                None => {
-                    ranges.insert((row.organization_id.clone(), hour), (at, at));
-                }
-            }
+            let span = batch
+                .entry((row.organization_id.as_str(), at.div_euclid(HOUR_MS)))
+                .or_insert((at, at));
+            span.0 = span.0.min(at);
+            span.1 = span.1.max(at);
+        }
+        let mut ranges = locked(&self.ranges);
+        for ((org, hour), (lo, hi)) in batch {
+            let span = ranges.entry((org.to_owned(), hour)).or_insert((lo, hi));
+            span.0 = span.0.min(lo);
+            span.1 = span.1.max(hi);
         }
     }
 
@@ -125,7 +126,13 @@ pub async fn check_noted(
     if ranges.is_empty() {
         return 0;
     }
-    let found = match check(client, &ranges).await {
+    let started = std::time::Instant::now();
+    let checked = check(client, &ranges).await;
+    metrics
+        .duplicate_check_seconds
+        .with_label_values(&[] as &[&str])
+        .observe(started.elapsed().as_secs_f64());
+    let found = match checked {
         Ok(found) => found,
         Err(err) => {
             warn!(error = %err, "duplicate check failed; checking again");
@@ -206,6 +213,10 @@ pub async fn collapse_pending(
     metrics: &IngestMetrics,
 ) -> Result<(), clickhouse::error::Error> {
     let months: BTreeSet<String> = pending_duplicate_months(client).await?;
+    // An OPTIMIZE that finds the month's parts merging already (another replica collapsing
+    // it, or a background merge) would do nothing and succeed: then the month would be
+    // recorded as collapsed before it is. It must fail instead, and is tried again.
+    let client = client.clone().with_setting("optimize_throw_if_noop", "1");
     for month in months {
         // Only months as ClickHouse names them (`toYYYYMM`): the id is spliced into OPTIMIZE,
         // which takes no bound values.

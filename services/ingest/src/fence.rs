@@ -53,6 +53,29 @@ impl Claim {
             .is_some_and(|at| self.context.assigned_at(partition) == Some(*at))
     }
 
+    /// Drops the rows of partitions no longer held; returns how many were dropped.
+    pub fn retain_held(&self, rows: &mut Vec<AuditEventRow>) -> usize {
+        let partitions: BTreeSet<(&str, i32)> = rows
+            .iter()
+            .map(|r| (r.source_topic.as_str(), r.source_partition))
+            .collect();
+        let released: BTreeSet<(String, i32)> = partitions
+            .into_iter()
+            .map(|(topic, partition)| (topic.to_owned(), partition))
+            .filter(|key| !self.holds(key))
+            .collect();
+        if released.is_empty() {
+            return 0;
+        }
+        let before = rows.len();
+        rows.retain(|r| {
+            !released.iter().any(|(topic, partition)| {
+                *partition == r.source_partition && *topic == r.source_topic
+            })
+        });
+        before - rows.len()
+    }
+
     /// The assignment `partition` belonged to when the flush started.
     pub fn epoch(&self, partition: &PartitionKey) -> Option<Instant> {
         self.since.get(partition).copied()
@@ -96,18 +119,22 @@ pub struct Split {
 /// already and must be looked up; a row above it, or of a partition with no fence (never
 /// written with intents), is inserted as it is.
 pub fn split(rows: Vec<AuditEventRow>, fences: &HashMap<PartitionKey, i64>) -> Split {
-    let mut split = Split::default();
-    for row in rows {
-        let fence = fences
-            .get(&(row.source_topic.clone(), row.source_partition))
-            .copied();
-        if fence.is_some_and(|high| row.source_offset <= high) {
-            split.uncertain.push(row);
-        } else {
-            split.fresh.push(row);
-        }
+    if fences.is_empty() {
+        return Split {
+            uncertain: Vec::new(),
+            fresh: rows,
+        };
     }
-    split
+    let fences: HashMap<(&str, i32), i64> = fences
+        .iter()
+        .map(|((topic, partition), high)| ((topic.as_str(), *partition), *high))
+        .collect();
+    let (uncertain, fresh) = rows.into_iter().partition(|row| {
+        fences
+            .get(&(row.source_topic.as_str(), row.source_partition))
+            .is_some_and(|high| row.source_offset <= *high)
+    });
+    Split { uncertain, fresh }
 }
 
 /// Which of `rows` are stored already: those whose source position and id are in `stored`.
@@ -455,6 +482,25 @@ mod tests {
         let split = split(rows, &fences);
         assert_eq!(offsets(&split.uncertain), [(0, 99), (0, 100)]);
         assert_eq!(offsets(&split.fresh), [(0, 101)]);
+    }
+
+    #[test]
+    fn after_a_rebalance_the_new_owner_checks_what_the_old_one_may_have_stored() {
+        // The old owner committed up to 150 and recorded intents up to 200 (its last flush
+        // landed, or half of it did, before it died); the new owner reads from 150.
+        let fences = HashMap::from([(("users".to_owned(), 3), 200)]);
+        let redelivered: Vec<AuditEventRow> = (150..260).map(|o| row("users", 3, o)).collect();
+        let split = split(redelivered, &fences);
+        assert_eq!(split.uncertain.len(), 51, "150..=200 looked up");
+        assert_eq!(split.fresh.len(), 59, "201..260 inserted unchecked");
+        // Half of the old owner's last flush landed (a multi-month insert cut short).
+        let stored: HashSet<StoredPosition> = (150..=200)
+            .filter(|o| o % 2 == 0)
+            .map(|o| StoredPosition::of(&row("users", 3, o)))
+            .collect();
+        let (insert, skip) = partition_stored(split.uncertain, &stored);
+        assert_eq!(skip.len(), 26);
+        assert!(insert.iter().all(|r| r.source_offset % 2 == 1));
     }
 
     #[test]

@@ -60,6 +60,8 @@ struct Stored {
     skipped: usize,
     /// Of partitions revoked during the flush: left to their new owner.
     released: usize,
+    /// Time spent on the fences: reading them, recording intents, looking rows up.
+    fence_time: std::time::Duration,
 }
 
 impl Flusher {
@@ -134,7 +136,20 @@ impl Flusher {
         let bytes: usize = rows.iter().map(AuditEventRow::wire_size).sum();
         let started = std::time::Instant::now();
         let stored = self.store_events(rows, claim).await?;
-        phase("insert", started);
+        // The fences' own share (intents, fence reads, look-ups) apart from the insert's.
+        self.metrics
+            .flush_phase_seconds
+            .with_label_values(&["fence"])
+            .observe(stored.fence_time.as_secs_f64());
+        self.metrics
+            .flush_phase_seconds
+            .with_label_values(&["insert"])
+            .observe(
+                started
+                    .elapsed()
+                    .saturating_sub(stored.fence_time)
+                    .as_secs_f64(),
+            );
         self.duplicates.note(&stored.inserted);
         let mut inserted_per_topic: BTreeMap<&str, u64> = BTreeMap::new();
         let mut newest_ms = None;
@@ -219,6 +234,7 @@ impl Flusher {
         claim: Option<&Claim>,
     ) -> Result<Stored, FlushError> {
         let mut stored = Stored::default();
+        let started = std::time::Instant::now();
         let Split { uncertain, fresh } = self
             .fencing
             .split(rows, claim)
@@ -234,6 +250,7 @@ impl Flusher {
             .write_intents(&rows)
             .await
             .map_err(FlushError::Fence)?;
+        stored.fence_time += started.elapsed();
         match self.insert_fenced(rows, claim, &mut stored).await? {
             Ok(()) => {}
             Err((rows, err)) => {
@@ -284,7 +301,9 @@ impl Flusher {
                         .inc();
                     warn!(operation = "clickhouse_insert", error = %err, retry_in_ms = delay.as_millis() as u64, "clickhouse request failed, retrying");
                     tokio::time::sleep(delay).await;
+                    let started = std::time::Instant::now();
                     rows = self.skip_stored(rows, stored).await?;
+                    stored.fence_time += started.elapsed();
                 }
             }
         }

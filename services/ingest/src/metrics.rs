@@ -37,6 +37,7 @@ pub struct IngestMetrics {
     pub already_stored: prometheus::IntCounter,
     pub duplicates_found: prometheus::IntCounter,
     pub duplicate_collapses: prometheus::IntCounter,
+    pub duplicate_check_seconds: HistogramVec,
 }
 
 impl IngestMetrics {
@@ -93,6 +94,11 @@ impl IngestMetrics {
             "audit_ingest_flush_phase_seconds",
             "Time of each phase of a flush, retries included.",
             &["phase"],
+            exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
+        );
+        let duplicate_check_seconds = histogram(
+            "audit_ingest_duplicate_check_seconds",
+            "Time of one duplicate check over the key ranges inserted since the last.",
             exponential_buckets(0.001, 2.0, 14).expect("valid buckets"),
         );
         let backpressure_seconds = register(
@@ -190,6 +196,7 @@ impl IngestMetrics {
             already_stored,
             duplicates_found,
             duplicate_collapses,
+            duplicate_check_seconds,
         }
     }
 

@@ -196,6 +196,7 @@ async fn invalid_examples_are_dead_lettered_with_their_reason_and_valid_neighbou
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_batch_loses_nothing_and_shows_nothing_twice() {
     let env = TestEnv::new("sigkill", 6).await;
+    env.track_inserts(None).await;
     let events = generate_events("kill", 3000);
     let producer = producer();
     let settings = [
@@ -236,6 +237,13 @@ async fn sigkill_mid_batch_loses_nothing_and_shows_nothing_twice() {
         .collect();
     assert_eq!(ids.len(), 3000, "duplicates or losses");
     assert_eq!(ids, wanted);
+    // Killed replicas left batches stored and not committed; their successors skipped them.
+    assert_eq!(no_copies(&env).await, 3000);
+    assert_eq!(
+        env.inserted_and_distinct().await,
+        (3000, 3000),
+        "copies were inserted"
+    );
     ingest.signal(Signal::SIGTERM);
     ingest.wait_exit(Duration::from_secs(10)).await;
     env.drop_database().await;
@@ -653,6 +661,29 @@ async fn a_replica_that_cannot_progress_fails_healthz_and_one_waiting_for_clickh
         .is_some_and(|s| s.success()));
 }
 
+/// The stored rows of the test's database, asserting that each is a distinct event (no copy
+/// stored, none waiting for a merge) in the events table and in every copy table.
+async fn no_copies(env: &TestEnv) -> u64 {
+    let stored = env.stored_and_distinct().await;
+    for (org, (rows, ids)) in &stored {
+        assert_eq!(rows, ids, "{org}: {rows} rows stored for {ids} events");
+    }
+    let rows: u64 = stored.values().map(|(rows, _)| rows).sum();
+    for copy in audit_store::COPY_TABLES {
+        let (copies, keys): (u64, u64) = env
+            .client()
+            .query(&format!(
+                "SELECT count(), uniqExact(organization_id, occurred_at_ms, id) FROM {}",
+                copy.table
+            ))
+            .fetch_one()
+            .await
+            .unwrap();
+        assert_eq!((copies, keys), (rows, rows), "{}", copy.table);
+    }
+    rows
+}
+
 fn replay(env: &TestEnv, args: &[&str]) -> String {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_audit-ingest"))
         .arg("replay")
@@ -717,11 +748,183 @@ async fn replay_reads_a_range_by_time_or_offset_and_changes_nothing_when_repeate
     assert!(out.contains("replayed 10 messages"), "{out}");
     assert_eq!(env.visible_count().await, 60);
 
-    // The whole topic, twice: still every event exactly once.
-    replay(&env, &[]);
+    // The whole topic, twice: still every event exactly once, and stored once: what is stored
+    // already is looked up (everything up to the highest offset written before) and skipped.
+    let out = replay(&env, &[]);
+    assert!(
+        out.contains("150 events (60 of them stored already"),
+        "{out}"
+    );
     let out = replay(&env, &[]);
     assert!(out.contains("replayed 150 messages"), "{out}");
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        out.contains("150 events (150 of them stored already"),
+        "{out}"
+    );
     assert_eq!(env.visible_count().await, 150);
+    assert_eq!(no_copies(&env).await, 150);
+    env.drop_database().await;
+}
+
+/// An event published twice upstream (same id, organization and time, two offsets) is stored
+/// twice; the duplicate check after insert finds the copies, records their month (the API's
+/// totals say "not exact" meanwhile) and the month is merged into one row per event, in the
+/// events table and in every copy table. ClickHouse's own merges are stopped until the check
+/// has found the copies, so that it is the check that finds them, not a merge that hides them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copies_of_upstream_duplicates_are_found_and_collapsed() {
+    let env = TestEnv::new("upstream", 2).await;
+    env.track_inserts(None).await;
+    let tables: Vec<&str> = std::iter::once(audit_store::EVENTS_TABLE)
+        .chain(audit_store::COPY_TABLES.iter().map(|c| c.table))
+        .collect();
+    let merges = |verb: &'static str| {
+        let client = env.client();
+        let tables = tables.clone();
+        async move {
+            for table in tables {
+                let sql = format!("SYSTEM {verb} MERGES {table}");
+                client.query(&sql).execute().await.unwrap();
+            }
+        }
+    };
+    merges("STOP").await;
+    let events = generate_events("upstream", 300);
+    let producer = producer();
+    publish(&env, &producer, &events).await;
+    publish(&env, &producer, &events[..100]).await;
+    let mut ingest = IngestProcess::spawn(&env, &[("AUDIT_INGEST__DIRECTORY__ENRICH", "false")]);
+    ingest.wait_ready(READY).await;
+    env.wait_for_count(300, ARRIVE).await;
+
+    let pending = || async {
+        audit_store::pending_duplicate_months(&env.client())
+            .await
+            .unwrap()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while pending().await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no copy found within 20 s:\n{}",
+            ingest.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let stored: u64 = env
+        .stored_and_distinct()
+        .await
+        .values()
+        .map(|(r, _)| r)
+        .sum();
+    assert_eq!(stored, 400, "both copies stored (merges stopped)");
+    assert_eq!(
+        metric_sum(
+            &ingest.metrics().await,
+            "audit_ingest_duplicate_rows_found_total"
+        ),
+        100.0
+    );
+
+    merges("START").await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !pending().await.is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "copies not collapsed within 20 s:\n{}",
+            ingest.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(no_copies(&env).await, 300);
+    assert!(
+        metric_sum(
+            &ingest.metrics().await,
+            "audit_ingest_duplicate_collapses_total"
+        ) >= 1.0
+    );
+    // Upstream duplicates are not the ingest's re-deliveries: nothing was skipped as stored.
+    assert_eq!(
+        metric_sum(
+            &ingest.metrics().await,
+            "audit_ingest_events_already_stored_total"
+        ),
+        0.0
+    );
+    ingest.signal(Signal::SIGTERM);
+    ingest.wait_exit(Duration::from_secs(10)).await;
+    env.drop_database().await;
+}
+
+/// A replica takes over partitions whose previous owner stored more than it committed: one of
+/// its inserts landed (and was cut short before ClickHouse wrote the copy tables), the next did
+/// not. The new owner stores the rest, nothing twice, and fills the copy tables.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_skips_what_the_previous_owner_stored_and_fills_its_copies() {
+    let env = TestEnv::new("takeover", 1).await;
+    env.track_inserts(None).await;
+    let topic = env.topics[0].clone();
+    let events = generate_events("takeover", 200);
+    let messages: Vec<(String, Vec<u8>)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["id"].as_str().unwrap().to_owned(),
+                serde_json::to_vec(e).unwrap(),
+            )
+        })
+        .collect();
+    produce(&producer(), &topic, &messages).await;
+
+    // The previous owner: intents up to offset 149 recorded, offsets 0..=99 stored (with the
+    // lineage the ingest gives them), 100..=149 not, nothing committed; the copy tables lost
+    // its insert (the server stopped between the events table and its views).
+    let client = env.client();
+    client
+        .query("INSERT INTO ingest_write_intents VALUES (?, 0, 149, 1)")
+        .bind(topic.as_str())
+        .execute()
+        .await
+        .unwrap();
+    let mut insert = client
+        .insert::<AuditEventRow>(audit_store::EVENTS_TABLE)
+        .await
+        .unwrap();
+    for (offset, event) in events[..100].iter().enumerate() {
+        let mut row = expected_row(event);
+        row.source_topic = topic.clone();
+        row.source_offset = offset as i64;
+        row.ingested_at_ms = 1;
+        insert.write(&row).await.unwrap();
+    }
+    insert.end().await.unwrap();
+    for copy in audit_store::COPY_TABLES {
+        client
+            .query(&format!("TRUNCATE TABLE {}", copy.table))
+            .execute()
+            .await
+            .unwrap();
+    }
+
+    let mut ingest = IngestProcess::spawn(&env, &[("AUDIT_INGEST__DIRECTORY__ENRICH", "false")]);
+    ingest.wait_ready(READY).await;
+    env.wait_for_count(200, ARRIVE).await;
+    assert_eq!(no_copies(&env).await, 200);
+    assert_eq!(
+        env.inserted_and_distinct().await,
+        (200, 200),
+        "copies inserted"
+    );
+    let metrics = ingest.metrics().await;
+    assert_eq!(
+        metric_sum(&metrics, "audit_ingest_events_already_stored_total"),
+        100.0
+    );
+    assert_eq!(
+        metric_sum(&metrics, "audit_ingest_events_inserted_total"),
+        100.0
+    );
+    ingest.signal(Signal::SIGTERM);
+    ingest.wait_exit(Duration::from_secs(10)).await;
     env.drop_database().await;
 }

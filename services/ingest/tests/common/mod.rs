@@ -135,6 +135,46 @@ impl TestEnv {
             .unwrap_or((0, 0))
     }
 
+    /// Migrates the test's database and keeps every row ever inserted into `audit_events` in a
+    /// plain MergeTree fed by a view: copies written by the ingest stay visible there after
+    /// ClickHouse merged them away (small tables merge within seconds, which would hide them
+    /// from a count of `audit_events`).
+    /// `binary`: the `audit-ingest` build under test, when another than this workspace's: its
+    /// own `migrate` creates the schema (an older build refuses a newer schema).
+    pub async fn track_inserts(&self, binary: Option<&Path>) {
+        match binary {
+            Some(binary) => {
+                let status = Command::new(binary)
+                    .arg("migrate")
+                    .envs(self.ingest_env(free_port()))
+                    .status()
+                    .unwrap();
+                assert!(status.success(), "{} migrate failed", binary.display());
+            }
+            None => {
+                audit_store::migrations::apply(&self.clickhouse)
+                    .await
+                    .unwrap();
+            }
+        }
+        for sql in [
+            "CREATE TABLE inserted_ids (id String) ENGINE = MergeTree ORDER BY id",
+            "CREATE MATERIALIZED VIEW inserted_ids_mv TO inserted_ids AS SELECT id FROM audit_events",
+        ] {
+            self.client().query(sql).execute().await.unwrap();
+        }
+    }
+
+    /// Rows ever inserted into `audit_events` since [`Self::track_inserts`], and distinct ids
+    /// among them.
+    pub async fn inserted_and_distinct(&self) -> (u64, u64) {
+        self.client()
+            .query("SELECT count(), uniqExact(id) FROM inserted_ids")
+            .fetch_one()
+            .await
+            .unwrap()
+    }
+
     /// Stored rows (no `FINAL`: copies not merged yet included) and distinct event ids, per
     /// organization.
     pub async fn stored_and_distinct(&self) -> BTreeMap<String, (u64, u64)> {

@@ -378,6 +378,15 @@ impl ChaosRun<'_> {
 
         loop {
             let now = schedule_start.elapsed();
+            // The outage lasts until the server is back, which can be later than planned: its
+            // stop waits for the clients' open connections (ClickHouse 18.16 serves requests
+            // on them for as long as they keep coming, 15 s and more), and its start takes
+            // its time on a loaded machine.
+            if let (Some(handle), Some((_, to))) = (&outage, outage_window.as_mut()) {
+                if !handle.is_finished() {
+                    *to = (*to).max(now);
+                }
+            }
             // 1. Faults that are due.
             while pending.front().is_some_and(|(at, _)| *at <= now) {
                 let (at, fault) = pending.pop_front().expect("checked");
@@ -489,7 +498,13 @@ impl ChaosRun<'_> {
                     slot.restart_at = Some(Instant::now() + Duration::from_secs(1));
                     continue;
                 }
-                if let (true, Some(last)) = (result.ready, result.last_progress) {
+                // Right after the outage a replica that waited for ClickHouse is ready again
+                // before its watchdog's next check (every 5 s) has seen it progress.
+                let just_after_outage = outage_window
+                    .is_some_and(|(from, to)| now >= from && now <= to + Duration::from_secs(10));
+                if let (true, Some(last), false) =
+                    (result.ready, result.last_progress, just_after_outage)
+                {
                     let age = unix_now() - last;
                     // One check interval of the replica's watchdog on top of the limit.
                     if age > self.settings.stall_after.as_secs_f64() + 10.0 {

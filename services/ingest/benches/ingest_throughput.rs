@@ -455,8 +455,8 @@ async fn throughput_lines() {
         )
         .await
         .expect("audit-ingest did not store every event within 600 s");
-        // One more check interval, so that the duplicate check covers the last inserts too.
-        tokio::time::sleep(Duration::from_secs(6)).await;
+        // The duplicate check waits for the burst to end (one quiet interval), then covers it.
+        tokio::time::sleep(Duration::from_secs(12)).await;
         costs.push(FenceCost::scrape(port).await);
         let _ = ingest.kill();
         let _ = ingest.wait();
@@ -659,7 +659,8 @@ impl FenceCost {
             "Cost of exactly-once per audit-ingest run (medians over the rounds, from its metrics): \
              one intents insert per flush before the events' insert; fence reads and look-ups only \
              after a takeover (none here: a fresh database); a duplicate check every 5 s over the \
-             key ranges inserted since."
+             key ranges inserted since, deferred while more than 100,000 rows arrive per 5 s (up \
+             to 60 s), so here it runs once the burst has been stored, outside the timed window."
         );
         println!();
         println!("| flushes | intents ms per flush | events insert ms per flush | intents / insert | duplicate checks | ms per check |");

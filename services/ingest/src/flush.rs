@@ -289,7 +289,12 @@ impl Flusher {
             }
             match self.sink.insert_once(EVENTS_TABLE, &rows).await {
                 Ok(()) => {
-                    stored.inserted.append(&mut rows);
+                    // The whole batch, most of the time: no second buffer of it.
+                    if stored.inserted.is_empty() {
+                        stored.inserted = rows;
+                    } else {
+                        stored.inserted.append(&mut rows);
+                    }
                     return Ok(Ok(()));
                 }
                 Err(err) if !err.is_transient() => return Ok(Err((rows, err))),

@@ -18,7 +18,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Mutex;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use audit_store::clickhouse::{self, Row};
 use audit_store::{
@@ -28,8 +28,8 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::locked;
 use crate::metrics::IngestMetrics;
+use crate::{locked, now_ms};
 
 /// How often the watcher checks what was inserted since, and collapses pending months.
 pub const CHECK_EVERY: Duration = Duration::from_secs(5);
@@ -103,13 +103,6 @@ struct FindingRow<'a> {
     kind: &'a str,
     at_ms: u64,
     copies: u64,
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or_default()
 }
 
 /// Runs until `shutdown`: checks what was inserted, records and collapses what it finds.

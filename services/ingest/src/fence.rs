@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
 use audit_store::clickhouse::{self, Row};
 use audit_store::{AuditEventRow, COPY_TABLES, EVENTS_TABLE, INTENTS_TABLE};
@@ -267,10 +267,7 @@ impl Fencing {
                 .or_insert(row.source_offset);
             *high = (*high).max(row.source_offset);
         }
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
+        let now = crate::now_ms();
         let intents: Vec<IntentRow<'_>> = highs
             .into_iter()
             .map(|((topic, partition), high)| IntentRow {

@@ -4,7 +4,6 @@
 //! store the directory facts, produce and await the dead letters.
 
 use std::collections::BTreeMap;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use audit_event::{EventError, RejectReason};
 use audit_store::{AuditEventRow, EVENTS_TABLE};
@@ -125,10 +124,7 @@ impl Flusher {
             }
         }
 
-        let ingested_at_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or_default();
+        let ingested_at_ms = crate::now_ms();
         for row in &mut rows {
             row.ingested_at_ms = ingested_at_ms;
         }

@@ -32,3 +32,11 @@ pub(crate) fn locked<T>(mutex: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 pub use config::IngestConfig;
+
+/// Now, in Unix epoch milliseconds (the stored rows' clock).
+pub(crate) fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or_default()
+}

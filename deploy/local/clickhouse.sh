@@ -22,6 +22,19 @@ write_config() {
   <listen_host>127.0.0.1</listen_host>
   <http_port>$AUDIT_CLICKHOUSE_HTTP_PORT</http_port>
   <tcp_port>$AUDIT_CLICKHOUSE_TCP_PORT</tcp_port>
+  <!-- HTTPS on the same server, with the certificate tls.sh generated: the tests' HTTPS endpoint. -->
+  <https_port>$AUDIT_CLICKHOUSE_HTTPS_PORT</https_port>
+  <openSSL>
+    <server>
+      <certificateFile>$TLS_DIR/server.crt</certificateFile>
+      <privateKeyFile>$TLS_DIR/server.key</privateKeyFile>
+      <verificationMode>none</verificationMode>
+      <loadDefaultCAFile>false</loadDefaultCAFile>
+      <cacheSessions>true</cacheSessions>
+      <disableProtocols>sslv2,sslv3,tlsv1,tlsv1_1</disableProtocols>
+      <preferServerCiphers>true</preferServerCiphers>
+    </server>
+  </openSSL>
   <path>$CLICKHOUSE_DIR/data/</path>
   <tmp_path>$CLICKHOUSE_DIR/tmp/</tmp_path>
   <user_files_path>$CLICKHOUSE_DIR/user_files/</user_files_path>
@@ -88,6 +101,7 @@ start() {
   if ping; then
     die "port $AUDIT_CLICKHOUSE_HTTP_PORT already answers /ping but not from our pid file: set AUDIT_CLICKHOUSE_HTTP_PORT"
   fi
+  "$LOCAL_DIR/tls.sh"
   write_config
   log "starting clickhouse on $URL"
   # setsid: the server must outlive the make target that started it, and not get its Ctrl-C.

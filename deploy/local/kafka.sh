@@ -20,11 +20,29 @@ write_config() {
 process.roles=broker,controller
 node.id=1
 controller.quorum.bootstrap.servers=127.0.0.1:$AUDIT_KAFKA_CONTROLLER_PORT
-listeners=PLAINTEXT://127.0.0.1:$AUDIT_KAFKA_PORT,CONTROLLER://127.0.0.1:$AUDIT_KAFKA_CONTROLLER_PORT
-advertised.listeners=PLAINTEXT://127.0.0.1:$AUDIT_KAFKA_PORT
+listeners=PLAINTEXT://127.0.0.1:$AUDIT_KAFKA_PORT,CONTROLLER://127.0.0.1:$AUDIT_KAFKA_CONTROLLER_PORT,SASL_SSL://127.0.0.1:$AUDIT_KAFKA_SASL_SSL_PORT,SSL://127.0.0.1:$AUDIT_KAFKA_SSL_PORT,SASL_PLAINTEXT://127.0.0.1:$AUDIT_KAFKA_SASL_PLAINTEXT_PORT
+advertised.listeners=PLAINTEXT://127.0.0.1:$AUDIT_KAFKA_PORT,SASL_SSL://127.0.0.1:$AUDIT_KAFKA_SASL_SSL_PORT,SSL://127.0.0.1:$AUDIT_KAFKA_SSL_PORT,SASL_PLAINTEXT://127.0.0.1:$AUDIT_KAFKA_SASL_PLAINTEXT_PORT
 controller.listener.names=CONTROLLER
 inter.broker.listener.name=PLAINTEXT
-listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT
+listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT,SASL_SSL:SASL_SSL,SSL:SSL,SASL_PLAINTEXT:SASL_PLAINTEXT
+# TLS (certificates from tls.sh): PEM key store and trust store.
+ssl.keystore.type=PEM
+ssl.keystore.location=$TLS_DIR/server-keystore.pem
+ssl.truststore.type=PEM
+ssl.truststore.location=$TLS_DIR/ca.crt
+# The SSL listener requires a client certificate (mutual TLS); the SASL ones authenticate by SASL.
+listener.name.ssl.ssl.client.auth=required
+# SASL: PLAIN (users in the JAAS line), SCRAM (credentials created at start with ConfigCommand) and
+# OAUTHBEARER (Kafka's default validator: unsigned JWTs, for development only).
+sasl.enabled.mechanisms=PLAIN,SCRAM-SHA-256,SCRAM-SHA-512,OAUTHBEARER
+listener.name.sasl_ssl.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$AUDIT_KAFKA_SASL_USER="$AUDIT_KAFKA_SASL_PASSWORD";
+listener.name.sasl_plaintext.plain.sasl.jaas.config=org.apache.kafka.common.security.plain.PlainLoginModule required user_$AUDIT_KAFKA_SASL_USER="$AUDIT_KAFKA_SASL_PASSWORD";
+listener.name.sasl_ssl.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_plaintext.scram-sha-256.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_plaintext.scram-sha-512.sasl.jaas.config=org.apache.kafka.common.security.scram.ScramLoginModule required;
+listener.name.sasl_ssl.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;
+listener.name.sasl_plaintext.oauthbearer.sasl.jaas.config=org.apache.kafka.common.security.oauthbearer.OAuthBearerLoginModule required;
 log.dirs=$KAFKA_DIR/data
 num.partitions=3
 auto.create.topics.enable=false
@@ -100,12 +118,26 @@ create_topics() {
   fi
 }
 
+# The SCRAM credentials of the local SASL user (KRaft keeps them in the metadata log; setting them
+# again is harmless).
+scram_users() {
+  local mechanism
+  # One mechanism per request: the admin API refuses two changes of one user in one request.
+  for mechanism in SCRAM-SHA-256 SCRAM-SHA-512; do
+    kafka_java kafka.admin.ConfigCommand --bootstrap-server "$BOOTSTRAP" --alter --entity-type users \
+      --entity-name "$AUDIT_KAFKA_SASL_USER" --add-config "$mechanism=[password=$AUDIT_KAFKA_SASL_PASSWORD]" \
+      >>"$KAFKA_DIR/log/scram.log" 2>&1 \
+      || { tail -n 20 "$KAFKA_DIR/log/scram.log" >&2; die "cannot create the $mechanism credentials"; }
+  done
+}
+
 start() {
   if pid_alive "$PID_FILE"; then
     log "kafka already running (pid $(cat "$PID_FILE")) on $BOOTSTRAP"
     create_topics
     return 0
   fi
+  "$LOCAL_DIR/tls.sh"
   [[ -f "$KAFKA_LIB/kafka_2.13-$AUDIT_KAFKA_VERSION.jar" ]] || die "kafka jars missing: run deploy/local/install.sh"
   command -v kcat >/dev/null || die "kcat is not installed: run deploy/local/install.sh"
   if broker_answers; then
@@ -123,7 +155,10 @@ start() {
     tail -n 40 "$KAFKA_DIR/log/server.log" "$KAFKA_DIR/log/stdout.log" >&2 || true
     die "kafka did not answer on $BOOTSTRAP within 90 s"
   fi
+  scram_users &
+  local scram=$!
   create_topics
+  wait "$scram"
 }
 
 status() {

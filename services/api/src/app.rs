@@ -60,6 +60,8 @@ pub enum AppError {
     Schema(#[from] audit_store::StoreError),
     #[error("kafka producer for read events: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("kafka producer for read events: {0}")]
+    KafkaSettings(#[from] audit_runtime::kafka::ProbeError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -85,6 +87,14 @@ impl Application {
             migrations::ensure_current(&config.clickhouse).await?;
         }
         let state = AppState::new(&config)?;
+        if config.read_events.enabled {
+            let settings = config.read_events.clone();
+            tokio::task::spawn_blocking(move || {
+                audit_runtime::kafka::probe(&settings.connection(), Duration::from_secs(5))
+            })
+            .await
+            .unwrap_or(Ok(()))?;
+        }
         if let Err(err) = state.keys.refresh(state.store.client()).await {
             warn!(error = %err, "could not load api keys yet; /readyz stays 503 until it can");
         }

@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use audit_runtime::kafka::{Connection, KafkaSecurity};
 use audit_runtime::{load_settings, SettingsError, TelemetryConfig};
 use audit_store::ClickHouseConfig;
 use serde::Deserialize;
@@ -130,10 +131,26 @@ pub struct ReadEventsConfig {
     /// `bootstrap.servers`.
     pub brokers: String,
     pub topic: String,
-    /// Extra librdkafka producer properties (SASL/SSL...).
+    /// TLS and SASL towards the brokers (the same settings as the ingest's `kafka.security`).
+    pub security: KafkaSecurity,
+    /// Extra librdkafka producer properties (tuning, `compression.type`, security settings
+    /// `security` does not cover).
     pub properties: BTreeMap<String, String>,
     /// `sasl.password`, from a secret in the environment (`AUDIT_API__READ_EVENTS__SASL_PASSWORD`).
     pub sasl_password: Option<secrecy::SecretString>,
+}
+
+impl ReadEventsConfig {
+    /// How the producer reaches the brokers.
+    pub fn connection(&self) -> Connection<'_> {
+        Connection {
+            section: "read_events",
+            brokers: &self.brokers,
+            properties: &self.properties,
+            sasl_password: self.sasl_password.as_ref(),
+            security: &self.security,
+        }
+    }
 }
 
 impl Default for ReadEventsConfig {
@@ -142,6 +159,7 @@ impl Default for ReadEventsConfig {
             enabled: true,
             brokers: "127.0.0.1:19092".to_owned(),
             topic: "audit.reads.v1".to_owned(),
+            security: KafkaSecurity::default(),
             properties: BTreeMap::new(),
             sasl_password: None,
         }
@@ -177,6 +195,12 @@ impl ApiConfig {
         }
         if self.read_events.enabled && self.read_events.topic.is_empty() {
             return invalid("read_events.topic must not be empty when read_events.enabled");
+        }
+        if self.read_events.enabled {
+            self.read_events
+                .connection()
+                .validate()
+                .map_err(|err| SettingsError::Invalid(err.to_string()))?;
         }
         Ok(())
     }

@@ -5,8 +5,9 @@
 
 use std::time::Duration;
 
+use audit_runtime::kafka::LoggingContext;
 use rdkafka::config::ClientConfig;
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 use tracing::warn;
 
@@ -29,7 +30,7 @@ pub struct ReadFacts<'a> {
 
 #[derive(Clone)]
 pub struct ReadEventPublisher {
-    producer: Option<FutureProducer>,
+    producer: Option<FutureProducer<LoggingContext>>,
     topic: String,
     metrics: ApiMetrics,
 }
@@ -42,16 +43,11 @@ impl ReadEventPublisher {
         let producer = if config.enabled {
             let mut client = ClientConfig::new();
             client
-                .set("bootstrap.servers", &config.brokers)
                 .set("enable.idempotence", "true")
                 .set("linger.ms", "20")
                 .set("message.timeout.ms", "60000");
-            audit_runtime::kafka::apply_operator_settings(
-                &mut client,
-                &config.properties,
-                config.sasl_password.as_ref(),
-            );
-            Some(client.create()?)
+            config.connection().apply(&mut client);
+            Some(client.create_with_context(LoggingContext::default())?)
         } else {
             None
         };
@@ -130,7 +126,7 @@ impl ReadEventPublisher {
     /// Waits for queued read events on shutdown.
     pub fn flush(&self, timeout: Duration) {
         if let Some(producer) = &self.producer {
-            let _ = rdkafka::producer::Producer::flush(producer, timeout);
+            let _ = producer.flush(timeout);
         }
     }
 }

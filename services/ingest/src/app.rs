@@ -28,6 +28,8 @@ pub enum AppError {
     Schema(#[from] audit_store::StoreError),
     #[error("kafka client: {0}")]
     Kafka(#[from] rdkafka::error::KafkaError),
+    #[error(transparent)]
+    KafkaSettings(#[from] audit_runtime::kafka::ProbeError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -101,6 +103,7 @@ impl Application {
             kafka::Membership::Group(&config.kafka),
             IngestContext::new(metrics.clone()),
         )?);
+        kafka::probe(&config.kafka).await?;
         let flusher = Arc::new(build_flusher(&config, &metrics)?);
         let duplicates = Arc::clone(&flusher.duplicates);
         let liveness = Arc::new(LivenessState::default());

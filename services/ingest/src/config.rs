@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
+use audit_runtime::kafka::{Connection, KafkaSecurity};
 use audit_runtime::{load_settings, SettingsError, TelemetryConfig};
 use audit_store::ClickHouseConfig;
 use serde::Deserialize;
@@ -60,8 +61,10 @@ pub struct KafkaConfig {
     pub group_id: String,
     /// Topics to consume.
     pub topics: Vec<String>,
-    /// Extra librdkafka properties for consumer and producer alike, e.g. `security.protocol`,
-    /// `sasl.mechanisms`, `sasl.username`, `sasl.password`, `ssl.ca.location`.
+    /// TLS and SASL towards the brokers, for the consumer and the dead-letter producer alike.
+    pub security: KafkaSecurity,
+    /// Extra librdkafka properties for consumer and producer alike (tuning, or security settings
+    /// `security` does not cover, e.g. `compression.type` of the dead-letter producer).
     pub properties: BTreeMap<String, String>,
     /// `sasl.password`, kept out of `properties` so that it can come from a secret in the
     /// environment (`AUDIT_INGEST__KAFKA__SASL_PASSWORD`) and is never printed.
@@ -89,6 +92,7 @@ impl Default for KafkaConfig {
                 "identity.teams.v1".to_owned(),
                 "identity.auth.v1".to_owned(),
             ],
+            security: KafkaSecurity::default(),
             properties: BTreeMap::new(),
             instance_id: None,
             session_timeout_ms: None,
@@ -98,6 +102,17 @@ impl Default for KafkaConfig {
 }
 
 impl KafkaConfig {
+    /// How the clients reach the brokers.
+    pub fn connection(&self) -> Connection<'_> {
+        Connection {
+            section: "kafka",
+            brokers: &self.brokers,
+            properties: &self.properties,
+            sasl_password: self.sasl_password.as_ref(),
+            security: &self.security,
+        }
+    }
+
     /// The session timeout in effect (see `session_timeout_ms`).
     pub fn session_timeout_ms(&self) -> u64 {
         match (self.session_timeout_ms, &self.instance_id) {
@@ -278,6 +293,10 @@ impl IngestConfig {
                 ));
             }
         }
+        self.kafka
+            .connection()
+            .validate()
+            .map_err(|err| SettingsError::Invalid(err.to_string()))?;
         if let Some(id) = &self.kafka.instance_id {
             let allowed = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
             if id.is_empty() || id.len() > 249 || !id.chars().all(allowed) {

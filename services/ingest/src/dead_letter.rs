@@ -7,7 +7,9 @@ use std::time::Duration;
 use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
-use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::producer::FutureRecord;
+
+use crate::kafka::DeadLetterClient;
 use tracing::warn;
 
 use crate::batch::DeadLetter;
@@ -23,7 +25,7 @@ pub const HEADER_SOURCE_OFFSET: &str = "dlq.source.offset";
 const MAX_DETAIL_BYTES: usize = 1024;
 
 pub struct DeadLetterProducer {
-    producer: FutureProducer,
+    producer: DeadLetterClient,
     topic: String,
     metrics: IngestMetrics,
     backoff: ExponentialBuilder,
@@ -31,7 +33,7 @@ pub struct DeadLetterProducer {
 
 impl DeadLetterProducer {
     pub fn new(
-        producer: FutureProducer,
+        producer: DeadLetterClient,
         topic: String,
         metrics: IngestMetrics,
         backoff: ExponentialBuilder,

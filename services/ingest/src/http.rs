@@ -59,6 +59,7 @@ async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
     match state.liveness.health() {
         Health::Stuck { reason } => return unavailable(format!("stuck: {reason}\n")),
         Health::Waiting { reason } => return unavailable(format!("waiting: {reason}\n")),
+        Health::Blocked { reason } => return unavailable(format!("blocked: {reason}\n")),
         Health::Starting | Health::Progressing => {}
     }
     match audit_store::ping(&state.clickhouse, Duration::from_secs(2)).await {

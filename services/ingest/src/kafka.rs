@@ -4,9 +4,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use rdkafka::config::ClientConfig;
+use audit_runtime::kafka::{ConnectionLog, LoggingContext};
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
 use rdkafka::producer::FutureProducer;
@@ -35,6 +36,8 @@ pub struct IngestContext {
     assigned: Mutex<BTreeMap<PartitionKey, Instant>>,
     /// Set when librdkafka reports a failed offset commit; the loop commits again.
     commit_failed: AtomicBool,
+    /// librdkafka's last error about reaching the brokers, for the start-up probe.
+    pub connection: ConnectionLog,
 }
 
 impl IngestContext {
@@ -46,6 +49,7 @@ impl IngestContext {
             revoked: Mutex::new(BTreeSet::new()),
             assigned: Mutex::new(BTreeMap::new()),
             commit_failed: AtomicBool::new(false),
+            connection: ConnectionLog::default(),
         }
     }
 
@@ -122,6 +126,10 @@ fn keys(partitions: &rdkafka::TopicPartitionList) -> Vec<PartitionKey> {
 }
 
 impl ClientContext for IngestContext {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        self.connection.log(level, fac, log_message);
+    }
+
     fn stats(&self, statistics: Statistics) {
         for (topic, stats) in &statistics.topics {
             for (partition, p) in &stats.partitions {
@@ -201,15 +209,10 @@ fn client_config(
     for (key, value) in defaults {
         client.set(*key, *value);
     }
-    audit_runtime::kafka::apply_operator_settings(
-        &mut client,
-        &config.properties,
-        config.sasl_password.as_ref(),
-    );
+    config.connection().apply(&mut client);
     for (key, value) in managed {
         client.set(*key, *value);
     }
-    client.set("bootstrap.servers", &config.brokers);
     client
 }
 
@@ -267,11 +270,29 @@ pub fn consumer(
 }
 
 /// The dead-letter producer: idempotent, every write acknowledged by all in-sync replicas.
-pub fn producer(config: &KafkaConfig) -> KafkaResult<FutureProducer> {
+pub fn producer(config: &KafkaConfig) -> KafkaResult<DeadLetterClient> {
     client_config(
         config,
         &[("message.max.bytes", "4194304"), ("linger.ms", "5")],
         &[("enable.idempotence", "true"), ("acks", "all")],
     )
-    .create()
+    .create_with_context(LoggingContext::default())
 }
+
+/// How long the start-up probe waits for brokers that do not answer before starting anyway.
+const PROBE_WAIT: Duration = Duration::from_secs(10);
+
+/// Fails, naming the cause, when the brokers refuse the TLS or SASL settings (a wrong CA, a
+/// wrong password), instead of reconnecting forever. The consumer and the dead-letter producer
+/// share the settings, so one probe covers both.
+pub async fn probe(config: &KafkaConfig) -> Result<(), audit_runtime::kafka::ProbeError> {
+    let config = config.clone();
+    tokio::task::spawn_blocking(move || {
+        audit_runtime::kafka::probe(&config.connection(), PROBE_WAIT)
+    })
+    .await
+    .unwrap_or(Ok(()))
+}
+
+/// The dead-letter producer's type.
+pub type DeadLetterClient = FutureProducer<LoggingContext>;

@@ -35,6 +35,9 @@ pub enum Health {
     Waiting { reason: String },
     /// Partitions with lag made no progress for `stall_after`.
     Stuck { reason: String },
+    /// Partitions stopped at a record batch the consumer cannot decode: a restart cannot help,
+    /// so `/healthz` stays up and `/readyz` names them.
+    Blocked { reason: String },
 }
 
 /// One assigned partition as the watchdog read it from Kafka.
@@ -52,6 +55,13 @@ pub struct PartitionReading {
     pub start: i64,
     /// The end offset a `read_committed` consumer can reach (the last stable offset).
     pub end: i64,
+}
+
+/// A record batch the consumer could not decode, as the consume loop reported it (librdkafka
+/// names the error, not the partition: the watchdog finds the partition that stopped).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Undecodable {
+    pub cause: String,
 }
 
 impl PartitionReading {
@@ -75,6 +85,11 @@ impl PartitionReading {
         (self.end - read_to).max(0)
     }
 
+    fn name(&self) -> String {
+        let (topic, partition) = &self.partition;
+        format!("{topic}[{partition}]")
+    }
+
     fn describe(&self) -> String {
         let (topic, partition) = &self.partition;
         format!(
@@ -94,6 +109,8 @@ pub struct Reading {
     pub partitions: Vec<PartitionReading>,
     /// The consume loop holds messages not committed yet (a batch filling or a flush under way).
     pub holding: bool,
+    /// A batch could not be decoded since the previous reading.
+    pub undecodable: Option<Undecodable>,
 }
 
 /// The verdict on one reading.
@@ -103,6 +120,8 @@ pub struct Verdict {
     /// The oldest last-progress (or assignment) time over the assigned partitions; the
     /// reading's time when none is assigned or all are caught up.
     pub last_progress: Instant,
+    /// Partitions stopped at a batch that cannot be decoded.
+    pub blocked: usize,
 }
 
 /// Per partition, since when it has gone without progress. A plain struct fed with readings, so
@@ -119,6 +138,8 @@ pub struct ProgressTracker {
 #[derive(Debug)]
 struct Tracked {
     committed: Option<i64>,
+    /// The position at the previous reading.
+    position: Option<i64>,
     /// The stall clock: last progress, (re)assignment or end of a wait for a dependency.
     stall_since: Instant,
     /// Last progress or (re)assignment: what the metric reports.
@@ -144,6 +165,7 @@ impl ProgressTracker {
                 .any(|partition| &partition.partition == key)
         });
         let mut stuck = Vec::new();
+        let mut blocked = Vec::new();
         let mut last_progress = reading.at;
         for partition in &reading.partitions {
             let tracked = self
@@ -151,6 +173,7 @@ impl ProgressTracker {
                 .entry(partition.partition.clone())
                 .or_insert(Tracked {
                     committed: partition.committed,
+                    position: None,
                     stall_since: partition.assigned_at,
                     progressed_at: partition.assigned_at,
                 });
@@ -160,19 +183,40 @@ impl ProgressTracker {
                 .max(self.waited_until.unwrap_or(partition.assigned_at));
             tracked.progressed_at = tracked.progressed_at.max(partition.assigned_at);
             let moved = partition.committed > tracked.committed;
+            let read_on = partition.position != tracked.position;
             tracked.committed = partition.committed;
-            if moved || partition.caught_up(reading.holding) {
+            tracked.position = partition.position;
+            let caught_up = partition.caught_up(reading.holding);
+            if moved || caught_up {
                 tracked.stall_since = reading.at;
                 tracked.progressed_at = reading.at;
             }
-            if reading.at.saturating_duration_since(tracked.stall_since) > self.stall_after {
-                stuck.push(partition.describe());
+            match &reading.undecodable {
+                // Batches failed to decode and this partition, with lag, received nothing since
+                // the last reading: it is the one stopped at such a batch. Not a stall: a
+                // restart would meet the same batch.
+                Some(undecodable) if !caught_up && !read_on && !moved => {
+                    tracked.stall_since = reading.at;
+                    blocked.push(format!(
+                        "{} cannot be decoded at offset {}: {}",
+                        partition.name(),
+                        partition
+                            .position
+                            .or(partition.committed)
+                            .map_or("unknown".to_owned(), |o| o.to_string()),
+                        undecodable.cause
+                    ));
+                }
+                _ => {
+                    if reading.at.saturating_duration_since(tracked.stall_since) > self.stall_after
+                    {
+                        stuck.push(partition.describe());
+                    }
+                }
             }
             last_progress = last_progress.min(tracked.progressed_at);
         }
-        let health = if stuck.is_empty() {
-            Health::Progressing
-        } else {
+        let health = if !stuck.is_empty() {
             Health::Stuck {
                 reason: format!(
                     "no progress for more than {} s on {} partition(s) with lag: {}",
@@ -181,10 +225,21 @@ impl ProgressTracker {
                     stuck.join(", ")
                 ),
             }
+        } else if !blocked.is_empty() {
+            Health::Blocked {
+                reason: format!(
+                    "{} partition(s) stopped at a record batch that cannot be decoded (nothing behind it is skipped): {}",
+                    blocked.len(),
+                    blocked.join("; ")
+                ),
+            }
+        } else {
+            Health::Progressing
         };
         Verdict {
             health,
             last_progress,
+            blocked: blocked.len(),
         }
     }
 
@@ -200,6 +255,7 @@ impl ProgressTracker {
         Verdict {
             health: Health::Waiting { reason },
             last_progress,
+            blocked: 0,
         }
     }
 }
@@ -209,6 +265,9 @@ impl ProgressTracker {
 pub struct LivenessState {
     health: Mutex<Health>,
     holding: AtomicBool,
+    /// The last undecodable batch the consume loop reported since the watchdog last looked.
+    undecodable: Mutex<Option<Undecodable>>,
+    undecodable_logged: Mutex<Option<Instant>>,
 }
 
 impl Default for LivenessState {
@@ -216,6 +275,8 @@ impl Default for LivenessState {
         Self {
             health: Mutex::new(Health::Starting),
             holding: AtomicBool::new(false),
+            undecodable: Mutex::new(None),
+            undecodable_logged: Mutex::new(None),
         }
     }
 }
@@ -236,6 +297,22 @@ impl LivenessState {
 
     fn holding(&self) -> bool {
         self.holding.load(Ordering::Relaxed)
+    }
+
+    /// Called by the consume loop when librdkafka could not decode a record batch. Returns
+    /// whether to log it (librdkafka retries the batch every fetch: once a minute is enough).
+    pub fn note_undecodable(&self, cause: String) -> bool {
+        *locked(&self.undecodable) = Some(Undecodable { cause });
+        let mut logged = locked(&self.undecodable_logged);
+        let due = logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+        if due {
+            *logged = Some(Instant::now());
+        }
+        due
+    }
+
+    fn take_undecodable(&self) -> Option<Undecodable> {
+        locked(&self.undecodable).take()
     }
 }
 
@@ -339,7 +416,20 @@ pub async fn watch(
             (Health::Waiting { reason }, _) => {
                 warn!(%reason, "ingest is waiting for a dependency; not counted as a stall")
             }
-            (Health::Progressing, Health::Stuck { .. } | Health::Waiting { .. }) => {
+            (Health::Blocked { reason }, _) => {
+                let due = last_stuck_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
+                if !matches!(previous, Health::Blocked { .. }) || due {
+                    error!(
+                        %reason,
+                        "ingest cannot decode a record batch; the partition waits at it and /readyz fails until the batch is dealt with (README: a batch that cannot be decoded)"
+                    );
+                    last_stuck_log = Some(Instant::now());
+                }
+            }
+            (
+                Health::Progressing,
+                Health::Stuck { .. } | Health::Waiting { .. } | Health::Blocked { .. },
+            ) => {
                 info!("ingest is making progress again")
             }
             _ => {}
@@ -347,6 +437,9 @@ pub async fn watch(
         metrics
             .stalled
             .set(i64::from(matches!(verdict.health, Health::Stuck { .. })));
+        metrics
+            .blocked_partitions
+            .set(i64::try_from(verdict.blocked).unwrap_or(i64::MAX));
         metrics
             .last_progress
             .set(unix_seconds(verdict.last_progress));
@@ -374,6 +467,7 @@ async fn check_dependencies(
             // them was committed (read before, a message received in between would count as
             // caught up).
             holding: state.holding(),
+            undecodable: state.take_undecodable(),
         }),
         Ok(Err(err)) => Err(format!("kafka unreachable: {err}")),
         Err(err) => Err(format!("kafka offsets could not be read: {err}")),
@@ -414,6 +508,7 @@ mod tests {
             at,
             partitions,
             holding,
+            undecodable: None,
         }
     }
 
@@ -436,6 +531,54 @@ mod tests {
             }
             other => panic!("expected stuck, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn the_partition_that_stopped_while_batches_failed_to_decode_is_blocked_not_stuck() {
+        let t0 = Instant::now();
+        let mut tracker = ProgressTracker::new(STALL);
+        // Partition 1 reads and commits on; partition 0 stays at offset 5.
+        let part = |p: i32, position: i64| PartitionReading {
+            partition: ("t".to_owned(), p),
+            ..partition(t0, Some(position), Some(position), 500)
+        };
+        let failing = |at, moving: i64| Reading {
+            undecodable: Some(Undecodable {
+                cause: "Local: Invalid compressed data".to_owned(),
+            }),
+            ..reading(at, vec![part(0, 5), part(1, moving)], true)
+        };
+        assert_eq!(
+            tracker.observe(&failing(t0, 10)).health,
+            Health::Progressing
+        );
+        // Past stall_after: partition 0 never moved, partition 1 reads on.
+        for step in 1..=30u64 {
+            let verdict = tracker.observe(&failing(
+                t0 + Duration::from_secs(5 * step),
+                10 + step as i64,
+            ));
+            match verdict.health {
+                Health::Blocked { reason } => {
+                    assert!(
+                        reason.contains("t[0] cannot be decoded at offset 5"),
+                        "{reason}"
+                    );
+                    assert!(reason.contains("Invalid compressed data"), "{reason}");
+                    assert!(!reason.contains("t[1]"), "{reason}");
+                    assert_eq!(verdict.blocked, 1);
+                }
+                other => panic!("step {step}: expected blocked, got {other:?}"),
+            }
+        }
+        // The errors stop (the batch was dealt with) and the partition moves: progressing.
+        let verdict = tracker.observe(&reading(
+            t0 + Duration::from_secs(160),
+            vec![part(0, 6), part(1, 50)],
+            true,
+        ));
+        assert_eq!(verdict.health, Health::Progressing);
+        assert_eq!(verdict.blocked, 0);
     }
 
     #[test]

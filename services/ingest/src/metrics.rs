@@ -38,6 +38,8 @@ pub struct IngestMetrics {
     pub duplicates_found: prometheus::IntCounter,
     pub duplicate_collapses: prometheus::IntCounter,
     pub duplicate_check_seconds: HistogramVec,
+    pub undecodable_batches: prometheus::IntCounter,
+    pub blocked_partitions: prometheus::IntGauge,
 }
 
 impl IngestMetrics {
@@ -171,6 +173,21 @@ impl IngestMetrics {
             "audit_ingest_duplicate_collapses_total",
             "Months merged into one row per event after copies were found.",
         );
+        let undecodable_batches = int_counter(
+            "audit_ingest_undecodable_batch_errors_total",
+            "Times the consumer could not decode a record batch (unknown or failing compression \
+             codec, corrupt batch). The partition stops at that batch; see \
+             audit_ingest_blocked_partitions.",
+        );
+        let blocked_partitions = register(
+            &registry,
+            prometheus::IntGauge::with_opts(Opts::new(
+                "audit_ingest_blocked_partitions",
+                "Assigned partitions stopped at a record batch the consumer cannot decode (then \
+                 /readyz fails and names them); nothing behind such a batch is skipped.",
+            ))
+            .expect("valid metric"),
+        );
         // Every retried operation starts at 0, so that dashboards and alerts see the series
         // before the first failure.
         for operation in RETRIED_OPERATIONS {
@@ -197,6 +214,8 @@ impl IngestMetrics {
             duplicates_found,
             duplicate_collapses,
             duplicate_check_seconds,
+            undecodable_batches,
+            blocked_partitions,
         }
     }
 

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use rdkafka::consumer::{CommitMode, Consumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{Message, Offset, TopicPartitionList};
 use tokio::task::JoinHandle;
@@ -213,7 +214,7 @@ impl Pipeline {
                                     }
                                 }
                                 Err(err) => {
-                                    warn!(error = %err, "kafka consumer error");
+                                    self.consumer_error(&err);
                                     break;
                                 }
                             }
@@ -222,7 +223,7 @@ impl Pipeline {
                             break Err(err);
                         }
                     }
-                    Err(err) => warn!(error = %err, "kafka consumer error"),
+                    Err(err) => self.consumer_error(&err),
                 },
                 // While offsets could need committing again, look at least every second
                 // whether a commit failed (the loop may otherwise sleep in recv()).
@@ -313,6 +314,24 @@ impl Pipeline {
 
     /// Decodes one message into the batch. The rebalance callbacks run inside `recv()`, so the
     /// caller forgets revoked partitions before calling this with a message of the new assignment.
+    /// A consumer error. One that says a record batch cannot be decoded (a compression codec
+    /// this build lacks, a corrupt batch) stops its partition at that batch: librdkafka retries
+    /// it at every fetch and never skips it. It is counted, logged at `error` and handed to the
+    /// watchdog, which finds the partition and makes `/readyz` name it.
+    fn consumer_error(&self, err: &KafkaError) {
+        if is_undecodable(err) {
+            self.metrics.undecodable_batches.inc();
+            if self.liveness.note_undecodable(err.to_string()) {
+                error!(
+                    error = %err,
+                    "kafka record batch cannot be decoded; its partition stops there (nothing behind it is skipped) and /readyz will name it"
+                );
+            }
+        } else {
+            warn!(error = %err, "kafka consumer error");
+        }
+    }
+
     fn accept(
         &self,
         message: &BorrowedMessage<'_>,
@@ -545,9 +564,44 @@ impl DurableOffsets {
     }
 }
 
+/// Whether a consumer error means that a fetched record batch cannot be decoded.
+fn is_undecodable(err: &KafkaError) -> bool {
+    matches!(
+        err,
+        KafkaError::MessageConsumption(code) | KafkaError::MessageConsumptionFatal(code)
+            if matches!(
+                code,
+                RDKafkaErrorCode::BadCompression
+                    | RDKafkaErrorCode::NotImplemented
+                    | RDKafkaErrorCode::BadMessage
+                    | RDKafkaErrorCode::InvalidMessage
+                    | RDKafkaErrorCode::UnsupportedCompressionType
+                    | RDKafkaErrorCode::InvalidRecord
+            )
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoding_failures_are_told_apart_from_other_consumer_errors() {
+        for code in [
+            RDKafkaErrorCode::BadCompression,
+            RDKafkaErrorCode::NotImplemented,
+            RDKafkaErrorCode::InvalidRecord,
+        ] {
+            assert!(is_undecodable(&KafkaError::MessageConsumption(code)));
+        }
+        for code in [
+            RDKafkaErrorCode::AllBrokersDown,
+            RDKafkaErrorCode::Authentication,
+            RDKafkaErrorCode::UnknownTopicOrPartition,
+        ] {
+            assert!(!is_undecodable(&KafkaError::MessageConsumption(code)));
+        }
+    }
 
     fn guard(limit: f64, window: u64) -> InvalidRatioGuard {
         InvalidRatioGuard::new(&DeadLetterConfig {

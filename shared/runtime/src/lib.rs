@@ -6,6 +6,7 @@ pub mod metrics;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;
+pub mod tls;
 
 pub use settings::{load_settings, SettingsError};
 

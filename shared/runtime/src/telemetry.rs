@@ -2,7 +2,7 @@
 //! directives, and OpenTelemetry trace export over OTLP/HTTP when configured.
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_otlp::{WithExportConfig, WithHttpConfig};
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
@@ -10,6 +10,8 @@ use serde::Deserialize;
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
+
+use crate::tls::{TlsError, TlsSettings};
 
 /// Log line format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
@@ -31,6 +33,9 @@ pub struct TelemetryConfig {
     pub log_format: LogFormat,
     /// OTLP/HTTP traces endpoint, e.g. `http://127.0.0.1:4318/v1/traces`; none disables export.
     pub otlp_endpoint: Option<String>,
+    /// With an `https://` endpoint: the CA to trust instead of the system's roots, and an
+    /// optional client certificate.
+    pub otlp_tls: TlsSettings,
 }
 
 impl Default for TelemetryConfig {
@@ -39,6 +44,7 @@ impl Default for TelemetryConfig {
             log_filter: "info".to_owned(),
             log_format: LogFormat::Json,
             otlp_endpoint: None,
+            otlp_tls: TlsSettings::default(),
         }
     }
 }
@@ -57,6 +63,10 @@ pub enum TelemetryError {
         #[source]
         source: opentelemetry_otlp::ExporterBuildError,
     },
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("cannot build the OTLP HTTP client: {0}")]
+    HttpClient(String),
     #[error("a global tracing subscriber is already installed")]
     AlreadyInstalled,
 }
@@ -107,6 +117,7 @@ pub fn init(
         Some(endpoint) => {
             let exporter = opentelemetry_otlp::SpanExporter::builder()
                 .with_http()
+                .with_http_client(otlp_client(endpoint, &config.otlp_tls)?)
                 .with_endpoint(endpoint)
                 .build()
                 .map_err(|source| TelemetryError::Exporter {
@@ -134,6 +145,33 @@ pub fn init(
         .try_init()
         .map_err(|_| TelemetryError::AlreadyInstalled)?;
     Ok(TelemetryGuard { provider })
+}
+
+/// How long one export request may take (the exporter's own default).
+const OTLP_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The exporter's HTTP client, with the configured TLS. reqwest's blocking client runs a runtime
+/// of its own, which cannot be created inside the caller's: it is built on a thread of its own.
+fn otlp_client(
+    endpoint: &str,
+    tls: &TlsSettings,
+) -> Result<reqwest::blocking::Client, TelemetryError> {
+    let tls = if endpoint.starts_with("https://") {
+        Some(tls.client_config("telemetry.otlp_tls")?)
+    } else {
+        None
+    };
+    std::thread::spawn(move || {
+        let builder = reqwest::blocking::Client::builder().timeout(OTLP_TIMEOUT);
+        match tls {
+            Some(tls) => builder.use_preconfigured_tls((*tls).clone()),
+            None => builder,
+        }
+        .build()
+        .map_err(|err| TelemetryError::HttpClient(err.to_string()))
+    })
+    .join()
+    .map_err(|_| TelemetryError::HttpClient("the builder thread panicked".to_owned()))?
 }
 
 #[cfg(test)]

@@ -1,5 +1,12 @@
 //! Where ClickHouse is and how to log in; part of each service's configuration.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use audit_runtime::tls::TlsSettings;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
 use secrecy::{ExposeSecret, SecretString};
 use serde::Deserialize;
 
@@ -18,6 +25,9 @@ pub struct ClickHouseConfig {
     /// Compression of request and response bodies: `lz4` (saves network) or `none` (saves CPU
     /// when ClickHouse is on the same host).
     pub compression: Compression,
+    /// With an `https://` URL: the CA to trust instead of the system's roots, and an optional
+    /// client certificate.
+    pub tls: TlsSettings,
 }
 
 /// Body compression between the services and ClickHouse.
@@ -37,9 +47,15 @@ impl Default for ClickHouseConfig {
             user: "default".to_owned(),
             password: SecretString::from(String::new()),
             compression: Compression::Lz4,
+            tls: TlsSettings::default(),
         }
     }
 }
+
+/// TCP keep-alive of ClickHouse connections (the `clickhouse` crate's default client uses the same).
+const TCP_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Idle pooled connections are dropped before ClickHouse's own 3 s keep-alive timeout closes them.
+const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(2);
 
 impl ClickHouseConfig {
     /// Checks what would otherwise fail later with a less clear message.
@@ -49,6 +65,13 @@ impl ClickHouseConfig {
                 "clickhouse.url must start with http:// or https://, got {:?}",
                 self.url
             )));
+        }
+        if self.https() {
+            self.tls_config()?;
+        } else if self.tls != TlsSettings::default() {
+            return Err(StoreError::Config(
+                "clickhouse.tls is set but clickhouse.url is not https://".to_owned(),
+            ));
         }
         if !is_identifier(&self.database) {
             return Err(StoreError::Config(format!(
@@ -64,9 +87,49 @@ impl ClickHouseConfig {
         self.server_client().with_database(&self.database)
     }
 
+    fn https(&self) -> bool {
+        self.url.starts_with("https://")
+    }
+
+    /// The TLS configuration of `tls`, read from its files for every new connection pool (so
+    /// that a renewed client certificate is used by the next one).
+    fn tls_config(&self) -> Result<Arc<rustls::ClientConfig>, StoreError> {
+        self.tls
+            .client_config("clickhouse.tls")
+            .map_err(|err| StoreError::Config(err.to_string()))
+    }
+
+    /// A connection pool of its own: plain HTTP, or HTTPS with the configured TLS.
+    fn http_client(&self) -> clickhouse::Client {
+        let mut connector = HttpConnector::new();
+        connector.set_keepalive(Some(TCP_KEEPALIVE));
+        let mut builder = HttpClient::builder(TokioExecutor::new());
+        builder.pool_idle_timeout(POOL_IDLE_TIMEOUT);
+        if !self.https() {
+            return clickhouse::Client::with_http_client(builder.build(connector));
+        }
+        let tls = match self.tls_config() {
+            Ok(tls) => tls,
+            Err(err) => {
+                // validate() refuses such settings at start-up. A client built without it fails
+                // every request (a plain connector refuses https://) rather than trust anything.
+                tracing::error!(error = %err, "clickhouse.tls is unusable; requests will fail");
+                return clickhouse::Client::with_http_client(builder.build(connector));
+            }
+        };
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_tls_config((*tls).clone())
+            .https_only()
+            .enable_http1()
+            .wrap_connector(connector);
+        clickhouse::Client::with_http_client(builder.build(https))
+    }
+
     /// A client for statements that must run before the database exists.
     pub fn server_client(&self) -> clickhouse::Client {
-        let client = clickhouse::Client::default()
+        let client = self
+            .http_client()
             .with_url(&self.url)
             .with_user(&self.user)
             // ClickHouse 18.16 lacks RowBinaryWithNamesAndTypes, which validation needs.

@@ -17,6 +17,55 @@ pub fn brokers() -> String {
     std::env::var("AUDIT_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".to_owned())
 }
 
+/// The local stack's TLS and SASL endpoints (`deploy/local/tls.sh`, `kafka.sh`, `clickhouse.sh`):
+/// `AUDIT_TEST_*` variables, else the local stack's defaults.
+#[derive(Debug, Clone)]
+pub struct SecureStack {
+    /// Kafka's `SASL_SSL` listener (PLAIN, SCRAM-SHA-256/512, OAUTHBEARER).
+    pub sasl_ssl: String,
+    /// Kafka's `SSL` listener, which requires a client certificate.
+    pub ssl: String,
+    /// Kafka's `SASL_PLAINTEXT` listener.
+    pub sasl_plaintext: String,
+    /// ClickHouse's HTTPS port.
+    pub clickhouse_https: String,
+    pub user: String,
+    pub password: String,
+    /// `ca.crt` (signed every server certificate), `other-ca.crt` (signed none), `client.crt`
+    /// and `client.key`.
+    pub tls_dir: PathBuf,
+    /// Kafka's log directory (`log.dirs`).
+    pub kafka_data_dir: PathBuf,
+    /// Kafka's jars, for its own command-line tools.
+    pub kafka_lib: PathBuf,
+}
+
+impl SecureStack {
+    pub fn from_env() -> Self {
+        let var =
+            |name: &str, default: &str| std::env::var(name).unwrap_or_else(|_| default.to_owned());
+        let state = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.state");
+        let path =
+            |name: &str, default: PathBuf| std::env::var_os(name).map_or(default, PathBuf::from);
+        Self {
+            sasl_ssl: var("AUDIT_TEST_KAFKA_SASL_SSL_BROKERS", "127.0.0.1:19094"),
+            ssl: var("AUDIT_TEST_KAFKA_SSL_BROKERS", "127.0.0.1:19095"),
+            sasl_plaintext: var("AUDIT_TEST_KAFKA_SASL_PLAINTEXT_BROKERS", "127.0.0.1:19096"),
+            clickhouse_https: var("AUDIT_TEST_CLICKHOUSE_HTTPS_URL", "https://127.0.0.1:18443"),
+            user: var("AUDIT_TEST_KAFKA_SASL_USER", "audit"),
+            password: var("AUDIT_TEST_KAFKA_SASL_PASSWORD", "audit-local-secret"),
+            tls_dir: path("AUDIT_TEST_TLS_DIR", state.join("tls")),
+            kafka_data_dir: path("AUDIT_TEST_KAFKA_DATA_DIR", state.join("kafka/data")),
+            kafka_lib: path("AUDIT_TEST_KAFKA_LIB", state.join("kafka-4.1.1/lib")),
+        }
+    }
+
+    /// A file of `tls_dir`.
+    pub fn tls(&self, name: &str) -> PathBuf {
+        self.tls_dir.join(name)
+    }
+}
+
 /// Drops `database` on the server of `config` (whatever `config.database` names).
 pub async fn drop_database(
     config: &ClickHouseConfig,

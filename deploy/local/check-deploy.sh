@@ -53,7 +53,9 @@ done
 # values.schema.json must turn a wrong value into an install-time error.
 for bad in "api.rateLimit.burst=-1" "clickhouse.compression=gzip" "api.keysRefreshIntervalMs=60000" \
            "ingest.topics=null" "image.pullPolicy=Sometimes" "kafka.properties.sasl\.password=x" \
-           "ingest.sessionTimeoutMs=1000" "ingest.assignor=sticky" "ingest.liveness.stallAfterMs=5"; do
+           "ingest.sessionTimeoutMs=1000" "ingest.assignor=sticky" "ingest.liveness.stallAfterMs=5" \
+           "kafka.security.protocol=TLS" "kafka.security.saslMechanism=GSSAPI" \
+           "kafka.security.saslMechanism=PLAIN" "kafka.security.endpointIdentification=off"; do
   if "$helm" template audit "$CHART" --kube-version "${KUBE_VERSIONS[0]}" --set "$bad" >/dev/null 2>&1; then
     die "values.schema.json accepted --set $bad"
   fi

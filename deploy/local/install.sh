@@ -1,10 +1,19 @@
 #!/usr/bin/env bash
-# Installs what the local stack needs and is missing: ClickHouse and kcat from Debian's
-# packages, the Apache Kafka jars from Maven Central. Safe to run any number of times.
+# Installs what the build and the local stack need and is missing: the C build tools and OpenSSL
+# headers librdkafka is built with (cmake, pkg-config, libssl-dev), ClickHouse, kcat and openssl
+# from Debian's packages, the Apache Kafka jars from Maven Central. Safe to run any number of times.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 apt_install() {
   local missing=()
+  # The build: librdkafka (cmake) with TLS against the system's OpenSSL, libcurl built in.
+  command -v cmake >/dev/null || missing+=(cmake)
+  command -v pkg-config >/dev/null || missing+=(pkg-config)
+  command -v cc >/dev/null || missing+=(gcc)
+  command -v c++ >/dev/null || missing+=(g++)
+  [[ -f /usr/include/openssl/ssl.h ]] || missing+=(libssl-dev)
+  # The local stack's certificates (deploy/local/tls.sh).
+  command -v openssl >/dev/null || missing+=(openssl)
   command -v clickhouse-server >/dev/null || missing+=(clickhouse-server)
   command -v clickhouse-client >/dev/null || missing+=(clickhouse-client)
   command -v kcat >/dev/null || missing+=(kcat)

@@ -82,6 +82,35 @@ def check_dockerfile(values):
     check(build == f"rust:{toolchain}-bookworm", f"build stage {build} differs from the CI toolchain rust:{toolchain}")
     ignore = (ROOT / "deploy/docker/Dockerfile.dockerignore").read_text().split()
     check("target" in ignore and ".state" in ignore, "Dockerfile.dockerignore must leave out target and .state")
+    check_linked_libraries(built)
+
+
+# Shared libraries the distroless cc-debian12 runtime image provides (glibc, libgcc, libstdc++,
+# OpenSSL 3). A binary that needs any other fails to start in the image.
+DISTROLESS_CC_LIBRARIES = {
+    "libc.so.6", "libm.so.6", "libdl.so.2", "libpthread.so.0", "librt.so.1", "ld-linux-x86-64.so.2",
+    "libgcc_s.so.1", "libstdc++.so.6", "libssl.so.3", "libcrypto.so.3",
+}
+
+
+def check_linked_libraries(built):
+    """The images cannot be built here (no Docker engine); what can be checked is that each binary
+    the images copy needs no shared library the runtime base lacks (readelf on the build that
+    `make test` made: same features and link line as the release build)."""
+    found = 0
+    for name in sorted(set(built)):
+        for profile in ("debug", "release"):
+            binary = ROOT / "target" / profile / name
+            if binary.exists():
+                break
+        else:
+            continue
+        found += 1
+        out = subprocess.run(["readelf", "-d", str(binary)], capture_output=True, text=True, check=True).stdout
+        needed = set(re.findall(r"\(NEEDED\)\s+Shared library: \[([^\]]+)\]", out))
+        extra = needed - DISTROLESS_CC_LIBRARIES
+        check(not extra, f"{name} needs shared libraries the distroless image lacks: {sorted(extra)}")
+    check(found >= 2, "no built audit-ingest / audit-api binary to check the linked libraries of (build first)")
 
 
 def check_compose():

@@ -78,6 +78,97 @@ app.kubernetes.io/component: {{ .component }}
       name: {{ $kafka }}
       key: {{ .root.Values.kafka.saslPasswordSecret.key }}
 {{- end }}
+{{- $oauth := .root.Values.kafka.security.oauthbearer }}
+{{- if and .kafkaKey $oauth.tokenEndpoint $oauth.clientSecretSecret.name }}
+- name: {{ .prefix }}__{{ .kafkaKey }}__SECURITY__OAUTHBEARER__CLIENT_SECRET
+  valueFrom:
+    secretKeyRef:
+      name: {{ $oauth.clientSecretSecret.name }}
+      key: {{ $oauth.clientSecretSecret.key }}
+{{- end }}
+{{- end -}}
+
+{{/* TLS material from Secrets, mounted under /etc/audit-logs/tls/<name>: CA certificates as
+ca.crt, client certificates as tls.crt and tls.key. */}}
+{{- define "audit-logs.tlsSecrets" -}}
+{{- $v := .Values -}}
+{{- $cas := dict "clickhouse-ca" $v.clickhouse.tls.caSecret "kafka-ca" $v.kafka.security.caSecret "otlp-ca" $v.telemetry.otlpTls.caSecret -}}
+{{- $clients := dict "clickhouse-client" $v.clickhouse.tls.clientCertSecret "kafka-client" $v.kafka.security.clientCertSecret "otlp-client" $v.telemetry.otlpTls.clientCertSecret -}}
+{{- range $name, $ca := $cas }}
+{{- if $ca.name }}
+{{ $name }}: {secretName: {{ $ca.name | quote }}, items: [{key: {{ $ca.key | quote }}, path: ca.crt}]}
+{{- end }}
+{{- end }}
+{{- range $name, $secret := $clients }}
+{{- if $secret }}
+{{ $name }}: {secretName: {{ $secret | quote }}, items: [{key: tls.crt, path: tls.crt}, {key: tls.key, path: tls.key}]}
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{- define "audit-logs.tlsVolumes" -}}
+{{- range $name, $secret := (include "audit-logs.tlsSecrets" . | fromYaml) }}
+- name: {{ $name }}
+  secret: {{ toJson $secret }}
+{{- end }}
+{{- end -}}
+
+{{- define "audit-logs.tlsMounts" -}}
+{{- range $name, $secret := (include "audit-logs.tlsSecrets" . | fromYaml) }}
+- {name: {{ $name }}, mountPath: /etc/audit-logs/tls/{{ $name }}, readOnly: true}
+{{- end }}
+{{- end -}}
+
+{{/* A [<table>] of TLS files: call with (dict "table" "clickhouse.tls" "dir" "clickhouse" "ca" <caSecret> "client" <clientCertSecret>). */}}
+{{- define "audit-logs.tlsToml" -}}
+{{- if or .ca.name .client }}
+
+[{{ .table }}]
+{{- if .ca.name }}
+ca_file = "/etc/audit-logs/tls/{{ .dir }}-ca/ca.crt"
+{{- end }}
+{{- if .client }}
+cert_file = "/etc/audit-logs/tls/{{ .dir }}-client/tls.crt"
+key_file = "/etc/audit-logs/tls/{{ .dir }}-client/tls.key"
+{{- end }}
+{{- end }}
+{{- end -}}
+
+{{/* The Kafka security table of a service: call with (dict "root" $ "table" "kafka.security"). */}}
+{{- define "audit-logs.kafkaSecurityToml" -}}
+{{- $s := .root.Values.kafka.security }}
+[{{ .table }}]
+protocol = {{ $s.protocol | quote }}
+endpoint_identification = {{ $s.endpointIdentification | quote }}
+{{- with $s.saslMechanism }}
+sasl_mechanism = {{ . | quote }}
+{{- end }}
+{{- with $s.saslUsername }}
+sasl_username = {{ . | quote }}
+{{- end }}
+{{- if $s.caSecret.name }}
+ca_file = "/etc/audit-logs/tls/kafka-ca/ca.crt"
+{{- end }}
+{{- if $s.clientCertSecret }}
+cert_file = "/etc/audit-logs/tls/kafka-client/tls.crt"
+key_file = "/etc/audit-logs/tls/kafka-client/tls.key"
+{{- end }}
+{{- with $s.oauthbearer }}
+{{- if .tokenEndpoint }}
+
+[{{ $.table }}.oauthbearer]
+token_endpoint = {{ .tokenEndpoint | quote }}
+client_id = {{ .clientId | quote }}
+{{- with .scope }}
+scope = {{ . | quote }}
+{{- end }}
+
+[{{ $.table }}.oauthbearer.extensions]
+{{- range $key, $value := .extensions }}
+{{ $key | quote }} = {{ $value | toString | quote }}
+{{- end }}
+{{- end }}
+{{- end }}
 {{- end -}}
 
 {{/* The [clickhouse] and [telemetry] tables of a service's TOML configuration. */}}
@@ -87,6 +178,7 @@ url = {{ .Values.clickhouse.url | quote }}
 database = {{ .Values.clickhouse.database | quote }}
 user = {{ .Values.clickhouse.user | quote }}
 compression = {{ .Values.clickhouse.compression | quote }}
+{{- include "audit-logs.tlsToml" (dict "table" "clickhouse.tls" "dir" "clickhouse" "ca" .Values.clickhouse.tls.caSecret "client" .Values.clickhouse.tls.clientCertSecret) }}
 
 [telemetry]
 log_filter = {{ .Values.telemetry.logFilter | quote }}
@@ -94,6 +186,7 @@ log_format = {{ .Values.telemetry.logFormat | quote }}
 {{- if .Values.telemetry.otlpEndpoint }}
 otlp_endpoint = {{ .Values.telemetry.otlpEndpoint | quote }}
 {{- end }}
+{{- include "audit-logs.tlsToml" (dict "table" "telemetry.otlp_tls" "dir" "otlp" "ca" .Values.telemetry.otlpTls.caSecret "client" .Values.telemetry.otlpTls.clientCertSecret) }}
 {{- end -}}
 
 {{- define "audit-logs.kafkaPropertiesToml" -}}

@@ -4,11 +4,13 @@
 //! Needs the local stack (`make up`) and the release binaries (`cargo build --release --bins`).
 //! Figures printed:
 //!   1. audit-ingest: 1,000,000 events from pre-filled topics, sustained events/s, peak RSS.
-//!   2. Reference: ClickHouse's own Kafka table engine + materialized view on the same topics.
-//!   3. Reference (ceiling): INSERT ... FORMAT RowBinary of the same rows from a file.
-//!      Lines 1-3 run in `BENCH_ROUNDS` (default 3) interleaved rounds; medians are compared.
-//!   4. Freshness at a fixed 5,000 events/s: produce -> visible, p50 / p99 / max.
-//!   5. Liveness (`support/chaos_lines.rs`): events/s visible during the chaos test's schedule
+//!   2. audit-ingest over `SASL_SSL` (SCRAM-SHA-512) to Kafka and HTTPS to ClickHouse, same
+//!      events: the cost of TLS against line 1, and the time from process start to the first row.
+//!   3. Reference: ClickHouse's own Kafka table engine + materialized view on the same topics.
+//!   4. Reference (ceiling): INSERT ... FORMAT RowBinary of the same rows from a file.
+//!      Lines 1-4 run in `BENCH_ROUNDS` (default 3) interleaved rounds; medians are compared.
+//!   5. Freshness at a fixed 5,000 events/s: produce -> visible, p50 / p99 / max.
+//!   6. Liveness (`support/chaos_lines.rs`): events/s visible during the chaos test's schedule
 //!      against the same load without faults, and kill -> resume times with static and dynamic
 //!      group membership.
 //!
@@ -114,14 +116,50 @@ async fn count(client: &clickhouse::Client, table: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn spawn_ingest(topics: &Topics, prefix: &str, database: &str, group: &str, port: u16) -> Child {
-    Command::new(release_binary("audit-ingest"))
+/// How the measured ingest reaches Kafka and ClickHouse.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Transport {
+    /// The local stack's plaintext listener and ClickHouse's HTTP port.
+    Plaintext,
+    /// `SASL_SSL` with SCRAM-SHA-512 to Kafka and HTTPS to ClickHouse, both verified against the
+    /// local CA: what a managed Kafka and ClickHouse Cloud ask for.
+    Secure,
+}
+
+fn spawn_ingest(
+    topics: &Topics,
+    prefix: &str,
+    database: &str,
+    group: &str,
+    port: u16,
+    transport: Transport,
+) -> Child {
+    let mut command = Command::new(release_binary("audit-ingest"));
+    if transport == Transport::Secure {
+        let stack = audit_testkit::SecureStack::from_env();
+        let ca = stack.tls("ca.crt");
+        command
+            .env("AUDIT_INGEST__KAFKA__BROKERS", &stack.sasl_ssl)
+            .env("AUDIT_INGEST__KAFKA__SECURITY__PROTOCOL", "SASL_SSL")
+            .env(
+                "AUDIT_INGEST__KAFKA__SECURITY__SASL_MECHANISM",
+                "SCRAM-SHA-512",
+            )
+            .env("AUDIT_INGEST__KAFKA__SECURITY__SASL_USERNAME", &stack.user)
+            .env("AUDIT_INGEST__KAFKA__SECURITY__CA_FILE", &ca)
+            .env("AUDIT_INGEST__KAFKA__SASL_PASSWORD", &stack.password)
+            .env("AUDIT_INGEST__CLICKHOUSE__URL", &stack.clickhouse_https)
+            .env("AUDIT_INGEST__CLICKHOUSE__TLS__CA_FILE", &ca);
+    } else {
+        command
+            .env("AUDIT_INGEST__KAFKA__BROKERS", brokers())
+            .env("AUDIT_INGEST__CLICKHOUSE__URL", clickhouse_url());
+    }
+    command
         .arg("run")
-        .env("AUDIT_INGEST__KAFKA__BROKERS", brokers())
         .env("AUDIT_INGEST__KAFKA__GROUP_ID", group)
         .env("AUDIT_INGEST__KAFKA__TOPICS", topics.all().join(","))
         .env("AUDIT_INGEST__DEAD_LETTER__TOPIC", format!("{prefix}.dlq"))
-        .env("AUDIT_INGEST__CLICKHOUSE__URL", clickhouse_url())
         .env("AUDIT_INGEST__CLICKHOUSE__DATABASE", database)
         .env("AUDIT_INGEST__HTTP_LISTEN", format!("127.0.0.1:{port}"))
         .env("AUDIT_INGEST__TELEMETRY__LOG_FILTER", "warn")
@@ -145,6 +183,9 @@ struct Throughput {
     seconds: f64,
     rate: f64,
     peak_rss_mb: f64,
+    /// From the start of the wait (right after the process started) to the first row visible:
+    /// start-up, joining the group, the first fetch and the first insert.
+    first_row_seconds: f64,
 }
 
 /// Polls `table` until it holds `target` rows; the rate counts from the first row seen.
@@ -179,6 +220,7 @@ async fn wait_rows(
                 seconds: now.duration_since(started).as_secs_f64(),
                 rate,
                 peak_rss_mb: peak,
+                first_row_seconds: t0.duration_since(started).as_secs_f64(),
             });
         }
         if started.elapsed() > limit {
@@ -291,6 +333,7 @@ async fn raw_insert(source_database: &str, database: &str) -> Throughput {
         seconds,
         rate: rows as f64 / seconds,
         peak_rss_mb: 0.0,
+        first_row_seconds: 0.0,
     }
 }
 
@@ -314,6 +357,7 @@ async fn freshness(suffix: &str) -> (Vec<f64>, f64) {
         &database,
         &format!("bench-fresh-{suffix}"),
         common::free_port(),
+        Transport::Plaintext,
     );
     tokio::time::sleep(Duration::from_secs(5)).await; // join the group
     let total = FRESHNESS_RATE * FRESHNESS_SECONDS;
@@ -428,6 +472,7 @@ async fn throughput_lines() {
 
     let rounds = rounds();
     let (mut ours, mut engine, mut ceiling) = (Vec::new(), Vec::new(), Vec::new());
+    let mut secure = Vec::new();
     let mut engine_unfinished = 0;
     let mut ingest_rss = 0.0_f64;
     let mut costs = Vec::new();
@@ -445,6 +490,7 @@ async fn throughput_lines() {
             &ingest_db,
             &format!("bench-ingest-{tag}"),
             port,
+            Transport::Plaintext,
         );
         let run = wait_rows(
             &config.client(),
@@ -462,6 +508,32 @@ async fn throughput_lines() {
         let _ = ingest.wait();
         ingest_rss = ingest_rss.max(run.peak_rss_mb);
         ours.push(run);
+
+        settle(&server).await;
+        eprintln!("bench: round {round}/{rounds}: audit-ingest over SASL_SSL + HTTPS");
+        let secure_db = format!("bench_secure_{tag}");
+        let config = fresh_database(&secure_db).await;
+        let mut ingest = spawn_ingest(
+            &topics,
+            &prefix,
+            &secure_db,
+            &format!("bench-secure-{tag}"),
+            common::free_port(),
+            Transport::Secure,
+        );
+        let run = wait_rows(
+            &config.client(),
+            "audit_events",
+            EVENTS,
+            Some(ingest.id()),
+            Duration::from_secs(600),
+        )
+        .await
+        .expect("audit-ingest over SASL_SSL did not store every event within 600 s");
+        let _ = ingest.kill();
+        let _ = ingest.wait();
+        secure.push(run);
+        drop_database(secure_db).await;
 
         settle(&server).await;
         eprintln!("bench: round {round}/{rounds}: ClickHouse Kafka engine");
@@ -484,7 +556,8 @@ async fn throughput_lines() {
     eprintln!("bench: freshness at {FRESHNESS_RATE} events/s for {FRESHNESS_SECONDS} s");
     let (latencies, fresh_rss) = freshness(&suffix).await;
 
-    let ours = Line::of(&ours);
+    let ours_runs = ours;
+    let ours = Line::of(&ours_runs);
     let engine = (!engine.is_empty()).then(|| Line::of(&engine));
     let ceiling = Line::of(&ceiling);
     let engine_rate = engine.as_ref().map_or(f64::NAN, |e| e.median);
@@ -548,6 +621,36 @@ async fn throughput_lines() {
     );
     println!("|---|---:|---:|---:|");
     println!("| produce -> visible in ClickHouse (s) | {p50:.3} | {p99:.3} | {max:.3} |");
+    println!();
+    let secure_line = Line::of(&secure);
+    let first_row = |runs: &[Throughput]| {
+        let mut seconds: Vec<f64> = runs.iter().map(|t| t.first_row_seconds).collect();
+        seconds.sort_by(f64::total_cmp);
+        percentile(&seconds, 0.5)
+    };
+    println!(
+        "Cost of TLS: the same 1M events, in the same rounds, read over Kafka's SASL_SSL listener \
+         (SCRAM-SHA-512, TLS 1.3 by OpenSSL 3 in librdkafka) and written over ClickHouse's HTTPS \
+         port (rustls), both verified against the local CA."
+    );
+    println!();
+    println!("| line | events/s (median) | range | vs plaintext | process start -> first row stored (s, median) |");
+    println!("|---|---:|---:|---:|---:|");
+    println!(
+        "| audit-ingest, plaintext Kafka + HTTP ClickHouse | {:.0} | {:.0}-{:.0} | 1.00 | {:.2} |",
+        ours.median,
+        ours.low,
+        ours.high,
+        first_row(&ours_runs)
+    );
+    println!(
+        "| audit-ingest, SASL_SSL (SCRAM-SHA-512) + HTTPS ClickHouse | {:.0} | {:.0}-{:.0} | {:.2} | {:.2} |",
+        secure_line.median,
+        secure_line.low,
+        secure_line.high,
+        secure_line.median / ours.median,
+        first_row(&secure)
+    );
     println!();
     println!("| target | figure | verdict |");
     println!("|---|---|---|");

@@ -72,6 +72,7 @@ pub async fn replay(
     stop: CancellationToken,
 ) -> Result<ReplaySummary, ReplayError> {
     prepare_schema(config).await?;
+    kafka::probe(&config.kafka).await.map_err(AppError::from)?;
     let metrics = IngestMetrics::new();
     let flusher = build_flusher(config, &metrics)?;
     // A throwaway group: replay assigns partitions itself and never commits.

@@ -296,6 +296,15 @@ impl Connection<'_> {
             }
             None => {}
         }
+        if s.sasl_username.is_some() && !s.protocol.sasl() {
+            return Err(self.invalid(
+                "security.sasl_username",
+                format!(
+                    "is set but security.protocol is {} (use SASL_SSL or SASL_PLAINTEXT)",
+                    s.protocol.name()
+                ),
+            ));
+        }
         if s.oauthbearer.is_some() && s.sasl_mechanism != Some(SaslMechanism::OAuthBearer) {
             return Err(self.invalid(
                 "security.oauthbearer",

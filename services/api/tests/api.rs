@@ -1382,23 +1382,17 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
     api.stop().await;
 }
 
-/// Reads are audited: a page and an export each publish an event, in the event contract's
-/// shape, to the configured Kafka topic.
-#[tokio::test]
-async fn reads_are_published_as_audit_events() {
+/// A new one-partition topic for a test's read events.
+async fn read_events_topic(name: &str) -> String {
     use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
     use rdkafka::client::DefaultClientContext;
-    use rdkafka::consumer::{Consumer, StreamConsumer};
-    use rdkafka::Message;
 
-    let brokers =
-        std::env::var("AUDIT_TEST_KAFKA_BROKERS").unwrap_or_else(|_| "127.0.0.1:19092".to_owned());
     let topic = format!(
-        "test.api.reads.{}",
+        "test.api.{name}.{}",
         &uuid::Uuid::new_v4().simple().to_string()[..12]
     );
     let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", &brokers)
+        .set("bootstrap.servers", audit_testkit::brokers())
         .create()
         .unwrap();
     admin
@@ -1408,6 +1402,18 @@ async fn reads_are_published_as_audit_events() {
         )
         .await
         .unwrap();
+    topic
+}
+
+/// Reads are audited: a page and an export each publish an event, in the event contract's
+/// shape, to the configured Kafka topic.
+#[tokio::test]
+async fn reads_are_published_as_audit_events() {
+    use rdkafka::consumer::{Consumer, StreamConsumer};
+    use rdkafka::Message;
+
+    let brokers = audit_testkit::brokers();
+    let topic = read_events_topic("reads").await;
     let api = TestApi::spawn_with("reads", |config| {
         config.read_events.enabled = true;
         config.read_events.brokers = brokers.clone();
@@ -1592,27 +1598,11 @@ async fn shutdown_lets_a_running_export_finish() {
 #[tokio::test]
 async fn reads_over_https_and_publishes_read_events_over_sasl_ssl() {
     use audit_runtime::kafka::{KafkaSecurity, SaslMechanism, SecurityProtocol};
-    use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
-    use rdkafka::client::DefaultClientContext;
     use rdkafka::consumer::{Consumer, StreamConsumer};
     use rdkafka::Message;
 
     let stack = audit_testkit::SecureStack::from_env();
-    let topic = format!(
-        "test.api.tls-reads.{}",
-        &uuid::Uuid::new_v4().simple().to_string()[..12]
-    );
-    let admin: AdminClient<DefaultClientContext> = rdkafka::ClientConfig::new()
-        .set("bootstrap.servers", audit_testkit::brokers())
-        .create()
-        .unwrap();
-    admin
-        .create_topics(
-            &[NewTopic::new(&topic, 1, TopicReplication::Fixed(1))],
-            &AdminOptions::new(),
-        )
-        .await
-        .unwrap();
+    let topic = read_events_topic("tls-reads").await;
     let api = TestApi::spawn_with("https", |config| {
         config.clickhouse.url = stack.clickhouse_https.clone();
         config.clickhouse.tls.ca_file = Some(stack.tls("ca.crt"));

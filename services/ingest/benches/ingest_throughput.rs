@@ -447,6 +447,37 @@ async fn main() {
     }
 }
 
+/// Starts an audit-ingest on a fresh `database` and waits until it stored every pre-filled event;
+/// the process is still running when this returns.
+async fn ingest_run(
+    topics: &Topics,
+    prefix: &str,
+    database: &str,
+    tag: &str,
+    port: u16,
+    transport: Transport,
+) -> (Throughput, Child) {
+    let config = fresh_database(database).await;
+    let ingest = spawn_ingest(
+        topics,
+        prefix,
+        database,
+        &format!("bench-{database}-{tag}"),
+        port,
+        transport,
+    );
+    let run = wait_rows(
+        &config.client(),
+        "audit_events",
+        EVENTS,
+        Some(ingest.id()),
+        Duration::from_secs(600),
+    )
+    .await
+    .unwrap_or_else(|| panic!("audit-ingest ({database}) did not store every event within 600 s"));
+    (run, ingest)
+}
+
 /// Throughput against the two references, freshness and memory.
 async fn throughput_lines() {
     let suffix = chrono::Utc::now().format("%m%d%H%M%S").to_string();
@@ -482,25 +513,16 @@ async fn throughput_lines() {
         settle(&server).await;
         eprintln!("bench: round {round}/{rounds}: audit-ingest");
         let ingest_db = format!("bench_ingest_{tag}");
-        let config = fresh_database(&ingest_db).await;
         let port = common::free_port();
-        let mut ingest = spawn_ingest(
+        let (run, mut ingest) = ingest_run(
             &topics,
             &prefix,
             &ingest_db,
-            &format!("bench-ingest-{tag}"),
+            &tag,
             port,
             Transport::Plaintext,
-        );
-        let run = wait_rows(
-            &config.client(),
-            "audit_events",
-            EVENTS,
-            Some(ingest.id()),
-            Duration::from_secs(600),
         )
-        .await
-        .expect("audit-ingest did not store every event within 600 s");
+        .await;
         // The duplicate check waits for the burst to end (one quiet interval), then covers it.
         tokio::time::sleep(Duration::from_secs(12)).await;
         costs.push(FenceCost::scrape(port).await);
@@ -512,24 +534,15 @@ async fn throughput_lines() {
         settle(&server).await;
         eprintln!("bench: round {round}/{rounds}: audit-ingest over SASL_SSL + HTTPS");
         let secure_db = format!("bench_secure_{tag}");
-        let config = fresh_database(&secure_db).await;
-        let mut ingest = spawn_ingest(
+        let (run, mut ingest) = ingest_run(
             &topics,
             &prefix,
             &secure_db,
-            &format!("bench-secure-{tag}"),
+            &tag,
             common::free_port(),
             Transport::Secure,
-        );
-        let run = wait_rows(
-            &config.client(),
-            "audit_events",
-            EVENTS,
-            Some(ingest.id()),
-            Duration::from_secs(600),
         )
-        .await
-        .expect("audit-ingest over SASL_SSL did not store every event within 600 s");
+        .await;
         let _ = ingest.kill();
         let _ = ingest.wait();
         secure.push(run);

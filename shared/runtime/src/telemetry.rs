@@ -179,6 +179,25 @@ mod tests {
     use super::*;
 
     #[test]
+    fn an_https_exporter_client_takes_the_tls_configuration() {
+        // reqwest accepts a preconfigured rustls configuration only of its own rustls version:
+        // a mismatch would surface here, not at the first export.
+        otlp_client(
+            "https://collector.example:4318/v1/traces",
+            &TlsSettings::default(),
+        )
+        .expect("an HTTPS client with the system's roots");
+        let missing = TlsSettings {
+            ca_file: Some("/nonexistent/otel-ca.pem".into()),
+            ..TlsSettings::default()
+        };
+        let err = otlp_client("https://collector.example:4318/v1/traces", &missing)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("telemetry.otlp_tls.ca_file"), "{err}");
+    }
+
+    #[test]
     fn a_bad_filter_is_reported_with_its_text() {
         let config = TelemetryConfig {
             log_filter: "audit=notalevel".to_owned(),

@@ -51,6 +51,20 @@ struct Args {
     /// run id also fixes the times (the spread ends at today's UTC midnight).
     #[arg(long)]
     run_id: Option<String>,
+    /// A librdkafka property, as kcat takes them: `-X security.protocol=SASL_SSL
+    /// -X sasl.mechanism=SCRAM-SHA-512 ...` (repeat; set after the defaults, so it overrides
+    /// them, e.g. `-X compression.type=zstd`).
+    #[arg(short = 'X', value_name = "KEY=VALUE", value_parser = property)]
+    properties: Vec<(String, String)>,
+}
+
+fn property(text: &str) -> Result<(String, String), String> {
+    match text.split_once('=') {
+        Some((key, value)) if !key.trim().is_empty() => {
+            Ok((key.trim().to_owned(), value.to_owned()))
+        }
+        _ => Err(format!("expected KEY=VALUE, got {text:?}")),
+    }
 }
 
 #[derive(Default)]
@@ -86,14 +100,19 @@ fn main() -> ExitCode {
 
 fn run(args: Args) -> anyhow::Result<()> {
     let deliveries = Arc::new(Deliveries::default());
-    let producer: ThreadedProducer<Counting> = ClientConfig::new()
+    let mut config = ClientConfig::new();
+    config
         .set("bootstrap.servers", &args.brokers)
         .set("enable.idempotence", "true")
         .set("acks", "all")
         .set("linger.ms", "10")
         .set("batch.num.messages", "10000")
         .set("compression.type", "lz4")
-        .set("queue.buffering.max.messages", "500000")
+        .set("queue.buffering.max.messages", "500000");
+    for (key, value) in &args.properties {
+        config.set(key, value);
+    }
+    let producer: ThreadedProducer<Counting> = config
         .create_with_context(Counting(Arc::clone(&deliveries)))
         .context("creating the Kafka producer")?;
     let run_id = args

@@ -23,12 +23,17 @@ AUDIT_KAFKA_SASL_PLAINTEXT_PORT="${AUDIT_KAFKA_SASL_PLAINTEXT_PORT:-19096}"
 # SASL user of the local broker (PLAIN and SCRAM). Local development only.
 AUDIT_KAFKA_SASL_USER="${AUDIT_KAFKA_SASL_USER:-audit}"
 AUDIT_KAFKA_SASL_PASSWORD="${AUDIT_KAFKA_SASL_PASSWORD:-audit-local-secret}"
-# ClickHouse's HTTPS port (same server, certificate from tls.sh).
+# ClickHouse's HTTPS port (a TLS proxy in front of the same server, certificate from tls.sh); 0: none.
 AUDIT_CLICKHOUSE_HTTPS_PORT="${AUDIT_CLICKHOUSE_HTTPS_PORT:-18443}"
 AUDIT_KAFKA_VERSION="${AUDIT_KAFKA_VERSION:-4.1.1}"
 AUDIT_KAFKA_HEAP="${AUDIT_KAFKA_HEAP:-512m}"
 
 CLICKHOUSE_DIR="$AUDIT_STATE_DIR/clickhouse"
+# The ClickHouse engine: ClickHouse 26.9 built as a library, from the PyPI wheel chdb-core (pinned),
+# in a virtual environment under the repository's .state, shared by every state directory (the
+# tests' private servers run with one of their own).
+AUDIT_CHDB_VERSION="${AUDIT_CHDB_VERSION:-26.9.0}"
+AUDIT_CHDB_VENV="${AUDIT_CHDB_VENV:-$REPO_ROOT/.state/chdb-$AUDIT_CHDB_VERSION}"
 KAFKA_DIR="$AUDIT_STATE_DIR/kafka"
 KAFKA_LIB="$AUDIT_STATE_DIR/kafka-$AUDIT_KAFKA_VERSION/lib"
 TLS_DIR="$AUDIT_STATE_DIR/tls"
@@ -36,7 +41,7 @@ TLS_DIR="$AUDIT_STATE_DIR/tls"
 # Topics the services use: name:partitions.
 AUDIT_TOPICS="${AUDIT_TOPICS:-identity.users.v1:6 identity.teams.v1:6 identity.auth.v1:6 audit.dlq.v1:3 audit.reads.v1:3}"
 
-export AUDIT_STATE_DIR AUDIT_CLICKHOUSE_HTTP_PORT AUDIT_CLICKHOUSE_TCP_PORT AUDIT_KAFKA_PORT
+export AUDIT_STATE_DIR AUDIT_CLICKHOUSE_HTTP_PORT AUDIT_CLICKHOUSE_TCP_PORT AUDIT_KAFKA_PORT AUDIT_CHDB_VENV
 
 log() { printf '[local] %s\n' "$*" >&2; }
 die() { printf '[local] error: %s\n' "$*" >&2; exit 1; }

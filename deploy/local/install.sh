@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the build and the local stack need and is missing: the C build tools and OpenSSL
-# headers librdkafka is built with (cmake, pkg-config, libssl-dev), ClickHouse, kcat and openssl
-# from Debian's packages, the Apache Kafka jars from Maven Central. Safe to run any number of times.
+# headers librdkafka is built with (cmake, pkg-config, libssl-dev), kcat, openssl and stunnel from
+# Debian's packages, the ClickHouse engine from PyPI (chdb-core, pinned), the Apache Kafka jars from
+# Maven Central. Safe to run any number of times.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 apt_install() {
@@ -14,8 +15,8 @@ apt_install() {
   [[ -f /usr/include/openssl/ssl.h ]] || missing+=(libssl-dev)
   # The local stack's certificates (deploy/local/tls.sh).
   command -v openssl >/dev/null || missing+=(openssl)
-  command -v clickhouse-server >/dev/null || missing+=(clickhouse-server)
-  command -v clickhouse-client >/dev/null || missing+=(clickhouse-client)
+  # HTTPS in front of the ClickHouse engine (clickhouse.sh).
+  command -v stunnel4 >/dev/null || missing+=(stunnel4)
   command -v kcat >/dev/null || missing+=(kcat)
   # The API fuzzer and the deploy checks install their PyPI tools into virtual environments.
   python3 -c "import ensurepip" 2>/dev/null || missing+=(python3-venv)
@@ -46,6 +47,19 @@ kafka_jars() {
   mv "$KAFKA_LIB.tmp" "$KAFKA_LIB"
 }
 
+# The ClickHouse engine: the pinned chdb-core wheel (ClickHouse 26.9 as a library) in a venv.
+clickhouse_engine() {
+  if "$AUDIT_CHDB_VENV/bin/python" -c "import chdb" 2>/dev/null; then
+    return 0
+  fi
+  log "installing the ClickHouse engine (PyPI chdb-core==$AUDIT_CHDB_VERSION, about 180 MB) into $AUDIT_CHDB_VENV"
+  rm -rf "$AUDIT_CHDB_VENV"
+  python3 -m venv "$AUDIT_CHDB_VENV"
+  "$AUDIT_CHDB_VENV/bin/pip" install -q --disable-pip-version-check "chdb-core==$AUDIT_CHDB_VERSION" \
+    || die "pip could not install chdb-core==$AUDIT_CHDB_VERSION"
+}
+
 mkdir -p "$AUDIT_STATE_DIR"
 apt_install
+clickhouse_engine
 kafka_jars

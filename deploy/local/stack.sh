@@ -25,7 +25,7 @@ status() {
 
 logs() {
   local f
-  for f in "$CLICKHOUSE_DIR/log/clickhouse-server.err.log" "$KAFKA_DIR/log/server.log" "$AUDIT_STATE_DIR"/services/*.log; do
+  for f in "$CLICKHOUSE_DIR/log/clickhouse.err.log" "$KAFKA_DIR/log/server.log" "$AUDIT_STATE_DIR"/services/*.log; do
     [[ -f "$f" ]] || continue
     printf '==> %s <==\n' "$f"
     tail -n "${LINES:-40}" "$f"

@@ -289,6 +289,11 @@ async fn main() {
     let key = keys::generate(BIG_ORG, Role::Admin, "bench");
     keys::create(&client, &key).await.unwrap();
     let key = key.secret.expose_secret().to_owned();
+    let version: String = client
+        .query("SELECT version()")
+        .fetch_one()
+        .await
+        .unwrap_or_else(|_| "(unknown version)".to_owned());
 
     // The cursor of the page at depth 100,000 (newest first, no filter).
     let (t, id): (i64, String) = client
@@ -441,7 +446,7 @@ async fn main() {
     );
     println!();
     println!(
-        "machine: {} cores; ClickHouse 18.16 on loopback; {EVENTS} events over 365 days in 100 organizations, \
+        "machine: {} cores; ClickHouse {version} on loopback; {EVENTS} events over 365 days in 100 organizations, \
          {BIG_ORG} holding half (5,000,000); every case reads {BIG_ORG}. {ITERATIONS} runs per line after 2 warm-ups, \
          one client, release build.",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)

@@ -6,7 +6,8 @@
 //!   1. audit-ingest: 1,000,000 events from pre-filled topics, sustained events/s, peak RSS.
 //!   2. audit-ingest over `SASL_SSL` (SCRAM-SHA-512) to Kafka and HTTPS to ClickHouse, same
 //!      events: the cost of TLS against line 1, and the time from process start to the first row.
-//!   3. Reference: ClickHouse's own Kafka table engine + materialized view on the same topics.
+//!   3. Reference: kcat streaming the topics into one HTTP INSERT ... SELECT FROM input() (the
+//!      closest stand-in for ClickHouse's Kafka engine, which the library build cannot run).
 //!   4. Reference (ceiling): INSERT ... FORMAT RowBinary of the same rows from a file.
 //!      Lines 1-4 run in `BENCH_ROUNDS` (default 3) interleaved rounds; medians are compared.
 //!   5. Freshness at a fixed 5,000 events/s: produce -> visible, p50 / p99 / max.
@@ -250,27 +251,16 @@ fn rewind_group(topics: &Topics, group: &str) {
         .expect("commit start offsets");
 }
 
-async fn kafka_engine(topics: &Topics, database: &str, group: &str) -> Option<Throughput> {
+/// The simplest Kafka -> ClickHouse pipe a user could build instead: kcat reads the topics as a
+/// consumer group and streams the JSON to one HTTP `INSERT ... SELECT ... FROM input(...) FORMAT
+/// JSONEachRow` whose SELECT maps the flat fields (the mapping ClickHouse's Kafka engine line used
+/// on 18.16; 26.9 as a library runs no Kafka-engine consumers). No validation, no dead letters,
+/// no exactly-once, no enrichment: it does less work than audit-ingest.
+async fn kcat_pipe(topics: &Topics, database: &str, group: &str) -> Option<Throughput> {
     let config = fresh_database(database).await;
     let client = config.client();
     rewind_group(topics, group);
-    let ddl = format!(
-        "CREATE TABLE kafka_source (
-            id String, type String, occurredAt String, organizationId String,
-            `actor.id` String, `actor.type` String, `actor.email` String, `actor.name` String,
-            `resource.type` String, `resource.id` String, `resource.name` String,
-            `affectedUser.id` String, `affectedUser.email` String,
-            `context.ip` String, `context.userAgent` String, `context.requestId` String, `context.location` String
-        ) ENGINE = Kafka('{}', '{}', '{group}', 'JSONEachRow')",
-        brokers(),
-        topics.all().join(",")
-    );
-    client
-        .query(&ddl)
-        .execute()
-        .await
-        .expect("kafka engine table");
-    let view = "CREATE MATERIALIZED VIEW kafka_view TO audit_events AS SELECT
+    let select = "INSERT INTO audit_events SELECT
             organizationId AS organization_id,
             toInt64(toUnixTimestamp(parseDateTimeBestEffort(occurredAt))) * 1000 + toInt64(substring(occurredAt, 21, 3)) AS occurred_at_ms,
             id, type AS event_type, `actor.id` AS actor_id, if(`actor.type` = '', 'user', `actor.type`) AS actor_type,
@@ -281,12 +271,30 @@ async fn kafka_engine(topics: &Topics, database: &str, group: &str) -> Option<Th
             nullIf(`context.requestId`, '') AS context_request_id, nullIf(`context.location`, '') AS context_location,
             CAST(NULL AS Nullable(String)) AS metadata, '' AS source_topic, toInt32(0) AS source_partition,
             toInt64(0) AS source_offset, toUInt64(toUnixTimestamp(now())) * 1000 AS ingested_at_ms
-        FROM kafka_source";
-    client
-        .query(view)
-        .execute()
-        .await
-        .expect("materialized view");
+        FROM input('id String, type String, occurredAt String, organizationId String,
+            `actor.id` String, `actor.type` String, `actor.email` String, `actor.name` String,
+            `resource.type` String, `resource.id` String, `resource.name` String,
+            `affectedUser.id` String, `affectedUser.email` String,
+            `context.ip` String, `context.userAgent` String, `context.requestId` String, `context.location` String')
+        FORMAT JSONEachRow";
+    // Blocks of 50,000 rows, as audit-ingest's batches: rows become visible as they arrive.
+    let url = format!(
+        "{}/?database={database}&max_insert_block_size=50000&input_format_import_nested_json=1\
+         &input_format_skip_unknown_fields=1&query={}",
+        clickhouse_url(),
+        url_encode(select)
+    );
+    let topics = topics.all().join(" ");
+    let mut pipe = Command::new("bash")
+        .arg("-c")
+        .arg(format!(
+            "set -o pipefail; kcat -b {} -G {group} -X auto.offset.reset=earliest -e -q -f '%s\\n' {topics} \
+             | curl -sS --fail -X POST -T - '{url}'",
+            brokers()
+        ))
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("bash with kcat and curl");
     let result = wait_rows(
         &client,
         "audit_events",
@@ -295,9 +303,21 @@ async fn kafka_engine(topics: &Topics, database: &str, group: &str) -> Option<Th
         Duration::from_secs(600),
     )
     .await;
-    let _ = client.query("DROP TABLE kafka_view").execute().await;
-    let _ = client.query("DROP TABLE kafka_source").execute().await;
+    let _ = pipe.kill();
+    let _ = pipe.wait();
     result
+}
+
+/// Percent-encodes a query for a URL.
+fn url_encode(text: &str) -> String {
+    text.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 /// Exports the rows audit-ingest stored as RowBinary, then times inserting that file.
@@ -549,9 +569,9 @@ async fn throughput_lines() {
         drop_database(secure_db).await;
 
         settle(&server).await;
-        eprintln!("bench: round {round}/{rounds}: ClickHouse Kafka engine");
+        eprintln!("bench: round {round}/{rounds}: kcat -> INSERT FROM input()");
         let engine_db = format!("bench_engine_{tag}");
-        match kafka_engine(&topics, &engine_db, &format!("bench-engine-{tag}")).await {
+        match kcat_pipe(&topics, &engine_db, &format!("bench-engine-{tag}")).await {
             Some(run) => engine.push(run),
             None => engine_unfinished += 1,
         }
@@ -589,8 +609,11 @@ async fn throughput_lines() {
     println!(
         "audit-ingest: release build, default settings except clickhouse.compression=none \
          (same host), with the image's allocator settings (MIMALLOC_PURGE_DELAY=0, \
-         MALLOC_ARENA_MAX=2); 3 topics x {PARTITIONS} partitions. The Kafka-engine line maps the flat \
-         fields only (18.16's JSONEachRow cannot read `changes`/`metadata`), so it does less work."
+         MALLOC_ARENA_MAX=2); 3 topics x {PARTITIONS} partitions. The kcat line replaces ClickHouse's \
+         Kafka engine + materialized view, which the engine built as a library cannot run (no \
+         background consumers; creating the table fails): kcat streams the topics into one HTTP \
+         INSERT ... SELECT ... FROM input() FORMAT JSONEachRow with the Kafka-engine line's mapping \
+         of the flat fields, so it does less work (no validation, changes, metadata or exactly-once)."
     );
     println!(
         "{rounds} rounds, each running the three lines in turn on the same topics (a new consumer \
@@ -612,9 +635,9 @@ async fn throughput_lines() {
     };
     row("audit-ingest (1M pre-filled, sustained)", &ours);
     match &engine {
-        Some(e) => row("reference: ClickHouse Kafka engine + MV", e),
+        Some(e) => row("reference: kcat -> INSERT ... FROM input() FORMAT JSONEachRow", e),
         None => println!(
-            "| reference: ClickHouse Kafka engine + MV | {EVENTS} | did not finish in 600 s | - | - | - |"
+            "| reference: kcat -> INSERT ... FROM input() FORMAT JSONEachRow | {EVENTS} | did not finish in 600 s | - | - | - |"
         ),
     }
     row(
@@ -623,9 +646,7 @@ async fn throughput_lines() {
     );
     if engine_unfinished > 0 && engine.is_some() {
         println!();
-        println!(
-            "({engine_unfinished} Kafka-engine round(s) did not finish in 600 s and are left out.)"
-        );
+        println!("({engine_unfinished} kcat round(s) did not finish in 600 s and are left out.)");
     }
     println!();
     println!(
@@ -668,14 +689,14 @@ async fn throughput_lines() {
     println!("| target | figure | verdict |");
     println!("|---|---|---|");
     println!(
-        "| ingest >= 1.5x Kafka engine (medians) | {:.2}x | {} |",
+        "| ingest >= 1.5x the kcat pipe (medians; it replaces the Kafka engine) | {:.2}x | {} |",
         ours.median / engine_rate,
         verdict(ours.median >= 1.5 * engine_rate)
     );
     println!(
-        "| ingest >= 50% of raw insert ceiling (medians) | {:.0}% | {} |",
+        "| ingest >= 60% of raw insert ceiling (medians) | {:.0}% | {} |",
         100.0 * ours.median / ceiling.median,
-        verdict(ours.median >= 0.5 * ceiling.median)
+        verdict(ours.median >= 0.6 * ceiling.median)
     );
     println!(
         "| freshness p99 < 1 s | {p99:.3} s | {} |",

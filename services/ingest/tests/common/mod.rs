@@ -493,6 +493,8 @@ impl PrivateClickHouse {
             .env("AUDIT_STATE_DIR", state)
             .env("AUDIT_CLICKHOUSE_HTTP_PORT", http_port.to_string())
             .env("AUDIT_CLICKHOUSE_TCP_PORT", tcp_port.to_string())
+            // No HTTPS proxy: its port belongs to the local stack's server.
+            .env("AUDIT_CLICKHOUSE_HTTPS_PORT", "0")
             .status()
             .unwrap();
         assert!(status.success(), "clickhouse.sh {action} failed");

@@ -26,6 +26,6 @@ stop_started_parts_now
 # One closing line for the whole workspace (cargo prints one per test binary).
 awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += $i; if ($(i+1) ~ /^failed/) f += $i } }
      END { printf "tests: %d passed, %d failed\n", p, f }' "$output"
-echo "api fuzz (schemathesis): $fuzz"
+echo "api fuzz (schemathesis, every check; generated client walks by cursor): $fuzz"
 echo "deploy checks (helm, kubernetes-validate, images, compose, dashboards): $deploy"
 exit "$status"

@@ -329,9 +329,11 @@ impl AuditLogQuery {
         };
         let cursor = match params.get("cursor") {
             None => None,
-            Some(_) if params.get("offset").is_some() => return Err(ApiError::invalid(
+            // offset=0 is the default: a client that sends every parameter's default (as
+            // generated clients do) may page by cursor.
+            Some(_) if offset > 0 => return Err(ApiError::invalid(
                 "cursor",
-                "cursor and offset cannot be combined; a cursor already says where the page starts",
+                "cursor and an offset above 0 cannot be combined; a cursor already says where the page starts",
             )),
             Some(text) => {
                 let cursor = Cursor::decode(text).ok_or_else(|| {
@@ -498,9 +500,14 @@ mod tests {
             "cursor"
         );
         assert_eq!(
-            parameter_of(&format!("eventType=user.created&offset=0&cursor={cursor}")),
+            parameter_of(&format!("eventType=user.created&offset=1&cursor={cursor}")),
             "cursor"
         );
+        // The default offset, as generated clients send it, goes with a cursor.
+        let with_default = AuditLogQuery::parse(Some(&format!(
+            "eventType=user.created&offset=0&cursor={cursor}"
+        )));
+        assert_eq!(with_default.unwrap().cursor.unwrap().occurred_at_ms, 5);
     }
 
     #[test]

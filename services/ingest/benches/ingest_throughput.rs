@@ -212,10 +212,12 @@ async fn wait_rows(
         if rows >= target {
             let (t0, n0) = first.unwrap_or((started, 0));
             let window = now.duration_since(t0).as_secs_f64();
-            let rate = if window > 0.0 {
+            // Rows that all became visible at once (one streamed INSERT, which ClickHouse
+            // squashes into one block) have no window of their own: time them from the start.
+            let rate = if window > 0.5 {
                 (rows - n0) as f64 / window
             } else {
-                f64::NAN
+                rows as f64 / now.duration_since(started).as_secs_f64()
             };
             return Some(Throughput {
                 seconds: now.duration_since(started).as_secs_f64(),
@@ -277,11 +279,12 @@ async fn kcat_pipe(topics: &Topics, database: &str, group: &str) -> Option<Throu
             `affectedUser.id` String, `affectedUser.email` String,
             `context.ip` String, `context.userAgent` String, `context.requestId` String, `context.location` String')
         FORMAT JSONEachRow";
-    // Blocks of 50,000 rows, as audit-ingest's batches: rows become visible as they arrive.
-    let url = format!(
-        "{}/?database={database}&max_insert_block_size=50000&input_format_import_nested_json=1\
+    // The body streams (-T -); -T would append a file name to the path, the request target says
+    // "/". ClickHouse squashes the streamed rows into one block despite max_insert_block_size,
+    // so they become visible at once and the line is timed from its start (see wait_rows).
+    let target = format!(
+        "/?database={database}&max_insert_block_size=50000&input_format_import_nested_json=1\
          &input_format_skip_unknown_fields=1&query={}",
-        clickhouse_url(),
         url_encode(select)
     );
     let topics = topics.all().join(" ");
@@ -289,8 +292,9 @@ async fn kcat_pipe(topics: &Topics, database: &str, group: &str) -> Option<Throu
         .arg("-c")
         .arg(format!(
             "set -o pipefail; kcat -b {} -G {group} -X auto.offset.reset=earliest -e -q -f '%s\\n' {topics} \
-             | curl -sS --fail -X POST -T - '{url}'",
-            brokers()
+             | curl -sS --fail -X POST -T - --request-target '{target}' '{}/'",
+            brokers(),
+            clickhouse_url()
         ))
         .stdout(Stdio::null())
         .spawn()
@@ -339,10 +343,12 @@ async fn raw_insert(source_database: &str, database: &str) -> Throughput {
     let insert = Command::new("curl")
         .args(["-sS", "--fail", "-X", "POST", "-T"])
         .arg(&file)
+        // -T appends the file's name to a URL path without one; the request target says "/".
+        .arg("--request-target")
         .arg(format!(
-            "{}/?database={database}&query=INSERT%20INTO%20audit_events%20FORMAT%20RowBinary",
-            clickhouse_url()
+            "/?database={database}&query=INSERT%20INTO%20audit_events%20FORMAT%20RowBinary"
         ))
+        .arg(format!("{}/", clickhouse_url()))
         .status()
         .unwrap();
     let seconds = started.elapsed().as_secs_f64();

@@ -22,6 +22,7 @@ mod chaos_lines;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -297,6 +298,8 @@ async fn kcat_pipe(topics: &Topics, database: &str, group: &str) -> Option<Throu
             clickhouse_url()
         ))
         .stdout(Stdio::null())
+        // A group of its own, so that kcat and curl end with it (kcat -G -e may not exit).
+        .process_group(0)
         .spawn()
         .expect("bash with kcat and curl");
     let result = wait_rows(
@@ -307,7 +310,9 @@ async fn kcat_pipe(topics: &Topics, database: &str, group: &str) -> Option<Throu
         Duration::from_secs(600),
     )
     .await;
-    let _ = pipe.kill();
+    let _ = Command::new("kill")
+        .args(["-TERM", &format!("-{}", pipe.id())])
+        .status();
     let _ = pipe.wait();
     result
 }

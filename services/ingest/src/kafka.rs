@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use audit_runtime::kafka::{ConnectionLog, LoggingContext};
+use audit_runtime::kafka::LoggingContext;
 use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
 use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, Rebalance, StreamConsumer};
 use rdkafka::error::KafkaResult;
@@ -36,8 +36,6 @@ pub struct IngestContext {
     assigned: Mutex<BTreeMap<PartitionKey, Instant>>,
     /// Set when librdkafka reports a failed offset commit; the loop commits again.
     commit_failed: AtomicBool,
-    /// librdkafka's last error about reaching the brokers, for the start-up probe.
-    pub connection: ConnectionLog,
 }
 
 impl IngestContext {
@@ -49,7 +47,6 @@ impl IngestContext {
             revoked: Mutex::new(BTreeSet::new()),
             assigned: Mutex::new(BTreeMap::new()),
             commit_failed: AtomicBool::new(false),
-            connection: ConnectionLog::default(),
         }
     }
 
@@ -127,7 +124,7 @@ fn keys(partitions: &rdkafka::TopicPartitionList) -> Vec<PartitionKey> {
 
 impl ClientContext for IngestContext {
     fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
-        self.connection.log(level, fac, log_message);
+        audit_runtime::kafka::forward_log(level, fac, log_message);
     }
 
     fn stats(&self, statistics: Statistics) {

@@ -400,31 +400,29 @@ pub async fn watch(
             Err(reason) => tracker.wait(Instant::now(), reason),
         };
         let previous = state.health();
+        // A stuck or blocked verdict is logged when it starts and then once a minute.
+        let changed = std::mem::discriminant(&verdict.health) != std::mem::discriminant(&previous);
+        let due =
+            changed || last_stuck_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
         match (&verdict.health, &previous) {
-            (Health::Stuck { reason }, _) => {
-                let due = last_stuck_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
-                if !matches!(previous, Health::Stuck { .. }) || due {
-                    error!(
-                        %reason,
-                        "ingest is stuck: partitions with lag made no progress; /healthz fails so that the replica is restarted"
-                    );
-                    last_stuck_log = Some(Instant::now());
-                }
+            (Health::Stuck { reason }, _) if due => {
+                error!(
+                    %reason,
+                    "ingest is stuck: partitions with lag made no progress; /healthz fails so that the replica is restarted"
+                );
+                last_stuck_log = Some(Instant::now());
+            }
+            (Health::Blocked { reason }, _) if due => {
+                error!(
+                    %reason,
+                    "ingest cannot decode a record batch; the partition waits at it and /readyz fails until the batch is dealt with (README: a batch that cannot be decoded)"
+                );
+                last_stuck_log = Some(Instant::now());
             }
             (Health::Waiting { reason }, Health::Waiting { reason: before })
                 if reason == before => {}
             (Health::Waiting { reason }, _) => {
                 warn!(%reason, "ingest is waiting for a dependency; not counted as a stall")
-            }
-            (Health::Blocked { reason }, _) => {
-                let due = last_stuck_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(60));
-                if !matches!(previous, Health::Blocked { .. }) || due {
-                    error!(
-                        %reason,
-                        "ingest cannot decode a record batch; the partition waits at it and /readyz fails until the batch is dealt with (README: a batch that cannot be decoded)"
-                    );
-                    last_stuck_log = Some(Instant::now());
-                }
             }
             (
                 Health::Progressing,

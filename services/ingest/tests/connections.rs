@@ -267,14 +267,7 @@ fn connects(config: &KafkaConfig) -> Result<(), String> {
     match consumer.fetch_metadata(None, Duration::from_secs(10)) {
         Ok(metadata) if !metadata.topics().is_empty() => Ok(()),
         Ok(_) => Err("no topics".to_owned()),
-        Err(err) => Err(format!(
-            "{err}: {}",
-            consumer
-                .context()
-                .connection
-                .last_error()
-                .unwrap_or_default()
-        )),
+        Err(err) => Err(err.to_string()),
     }
 }
 

@@ -421,20 +421,8 @@ pub struct ConnectionLog {
 impl ConnectionLog {
     /// Forwards one librdkafka log line to `tracing` and remembers it when it is an error.
     pub fn log(&self, level: RDKafkaLogLevel, fac: &str, message: &str) {
-        match level {
-            RDKafkaLogLevel::Emerg
-            | RDKafkaLogLevel::Alert
-            | RDKafkaLogLevel::Critical
-            | RDKafkaLogLevel::Error => {
-                error!(facility = fac, "librdkafka: {message}");
-                *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) =
-                    Some(message.to_owned());
-            }
-            RDKafkaLogLevel::Warning => warn!(facility = fac, "librdkafka: {message}"),
-            RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
-                info!(facility = fac, "librdkafka: {message}")
-            }
-            RDKafkaLogLevel::Debug => debug!(facility = fac, "librdkafka: {message}"),
+        if forward_log(level, fac, message) {
+            *self.last_error.lock().unwrap_or_else(|e| e.into_inner()) = Some(message.to_owned());
         }
     }
 
@@ -452,6 +440,25 @@ impl ConnectionLog {
         self.last_error()
             .filter(|message| is_settings_error(message))
     }
+}
+
+/// Forwards one librdkafka log line to `tracing` at its level; true when it is an error.
+pub fn forward_log(level: RDKafkaLogLevel, fac: &str, message: &str) -> bool {
+    match level {
+        RDKafkaLogLevel::Emerg
+        | RDKafkaLogLevel::Alert
+        | RDKafkaLogLevel::Critical
+        | RDKafkaLogLevel::Error => {
+            error!(facility = fac, "librdkafka: {message}");
+            return true;
+        }
+        RDKafkaLogLevel::Warning => warn!(facility = fac, "librdkafka: {message}"),
+        RDKafkaLogLevel::Notice | RDKafkaLogLevel::Info => {
+            info!(facility = fac, "librdkafka: {message}")
+        }
+        RDKafkaLogLevel::Debug => debug!(facility = fac, "librdkafka: {message}"),
+    }
+    false
 }
 
 /// Whether a librdkafka error line is caused by the client's TLS or SASL settings.

@@ -155,8 +155,8 @@ pub struct Plan {
     pub known: u64,
     /// Months to compute (changed, or never computed for this key).
     pub missing: Vec<Month>,
-    /// Months taken from the cache.
-    pub reused: usize,
+    /// Months taken from the cache, with their values.
+    pub reused: Vec<(String, u64)>,
 }
 
 /// Month id -> (digest of its parts, value) for one key.
@@ -191,18 +191,40 @@ impl PartitionCache {
         let mut plan = Plan {
             known: 0,
             missing: Vec::new(),
-            reused: 0,
+            reused: Vec::new(),
         };
         for month in months {
             match known_values.as_ref().and_then(|k| k.get(&month.id)) {
                 Some(&(digest, value)) if digest == month.digest => {
                     plan.known = key.aggregate.combine(plan.known, value);
-                    plan.reused += 1;
+                    plan.reused.push((month.id.clone(), value));
                 }
                 _ => plan.missing.push(month),
             }
         }
         plan
+    }
+
+    /// Whether anything is kept between requests (`query.count_cache_entries` > 0).
+    pub fn enabled(&self) -> bool {
+        self.entries.is_some()
+    }
+
+    /// The last value kept for each month under `key`, whatever the month's parts are now.
+    /// For a count, a value whose month changed since is a lower bound of its stored rows as
+    /// long as rows are only added (a merge that collapses a copy lowers it by that copy).
+    pub fn last_values(&self, key: &AggregateKey) -> HashMap<String, u64> {
+        let Some(known) = self
+            .entries
+            .as_ref()
+            .and_then(|entries| entries.lock().ok()?.peek(key).cloned())
+        else {
+            return HashMap::new();
+        };
+        known
+            .iter()
+            .map(|(month, (_, value))| (month.clone(), *value))
+            .collect()
     }
 
     /// Remembers the values of the plan's missing months (by month id) and returns the

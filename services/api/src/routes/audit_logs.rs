@@ -42,31 +42,24 @@ pub async fn list(
         offset: query.offset,
         cursor: query.cursor.as_ref(),
     };
-    // The page's keys, and for JSON its rows, are read while the total is counted.
-    let rows = async {
-        let mut keys = state.store.page_keys(&page).await?;
-        let more = keys.len() > query.limit as usize;
-        keys.truncate(query.limit as usize);
-        let items = match query.format {
-            PageFormat::Json => Some(state.store.page_rows(&page, &keys).await?),
-            PageFormat::Csv => None,
-        };
-        Ok::<_, ApiError>((keys, more, items))
-    };
-    let ((keys, more, items), (total, exact)) =
-        tokio::try_join!(rows, state.store.count(org, &query.filters))?;
-    let next_cursor = more
-        .then(|| keys.last().cloned())
-        .flatten()
-        .map(|(occurred_at_ms, id)| {
-            Cursor {
-                sort: query.sort,
-                occurred_at_ms,
-                id,
-                filters: query.filters.fingerprint(query.sort),
-            }
-            .encode()
-        });
+    let json = matches!(query.format, PageFormat::Json);
+    let read = state.store.page(&page, json).await?;
+    let (total, exact) = (read.total, read.total_exact);
+    let keys = read.keys;
+    let items = read.items;
+    let next_cursor =
+        read.more
+            .then(|| keys.last().cloned())
+            .flatten()
+            .map(|(occurred_at_ms, id)| {
+                Cursor {
+                    sort: query.sort,
+                    occurred_at_ms,
+                    id,
+                    filters: query.filters.fingerprint(query.sort),
+                }
+                .encode()
+            });
     let mut response = match items {
         Some(items) => {
             let body = PageBody {

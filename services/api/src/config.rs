@@ -59,8 +59,10 @@ pub struct QueryConfig {
     /// Filter combinations whose per-month stored-row counts are kept between requests (least
     /// recently used dropped first; 0 counts every month on every request).
     pub count_cache_entries: usize,
-    /// Stored rows an export reads per query, ordered by the service (0: one query for the whole
-    /// export, sorted by ClickHouse). A running export holds two windows (~400 bytes a row each).
+    /// 0 (the default): an export is one query sorted by ClickHouse, which reads in sort-key
+    /// order. Above 0: stored rows an export reads per query, ordered by the service (the design
+    /// for engines that sort everything first); a running export then holds two windows (~400
+    /// bytes a row each).
     pub export_window_rows: u64,
     /// Exports this process runs at once (0 = no limit); one more is refused with 503 and
     /// `Retry-After`. Each takes two reader threads and three ClickHouse connections.
@@ -73,7 +75,7 @@ impl Default for QueryConfig {
             timeout_seconds: 10,
             export_timeout_seconds: 0,
             count_cache_entries: 2_000,
-            export_window_rows: 32_768,
+            export_window_rows: 0,
             max_concurrent_exports: 4,
         }
     }

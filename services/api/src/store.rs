@@ -6,7 +6,7 @@
 //! so a re-delivered event shows once even before the background merge ran.
 
 use std::collections::{BTreeSet, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use audit_store::clickhouse::{self, Row};
@@ -169,12 +169,6 @@ pub(crate) const DAY_MS: i64 = 24 * HOUR_MS;
 
 /// Up to this many stored rows, `total` is an exact count of distinct events.
 pub const EXACT_TOTAL_LIMIT: u64 = 100_000;
-
-/// At most this many months are counted one by one in a request (one `UNION ALL` branch
-/// each, about 3 ms apiece on ClickHouse 26.9); with more to count, the request counts its
-/// whole range in one query, which ClickHouse answers from the primary key's ranges, and the
-/// months are counted one by one in the background for the next request.
-const MONTHS_COUNTED_INLINE: usize = 2;
 
 /// Key-only copy of `audit_events` sorted by event type first (migration 0004).
 pub const BY_TYPE_TABLE: &str = "audit_events_by_type";
@@ -486,6 +480,9 @@ pub struct AuditLogStore {
     metrics: ApiMetrics,
     /// Counts and the newest ingest time per month, while the month's parts stay the same.
     partitions: Arc<PartitionCache>,
+    /// The last [`Snapshot`] taken of each table: first pages size their window by it while
+    /// their own snapshot and total are under way.
+    last_snapshots: Arc<Mutex<HashMap<&'static str, Snapshot>>>,
 }
 
 /// What [`AuditLogStore::by_month`] computed.
@@ -508,6 +505,7 @@ impl AuditLogStore {
             export_window_rows: config.export_window_rows,
             metrics,
             partitions: Arc::new(PartitionCache::new(config.count_cache_entries)),
+            last_snapshots: Arc::default(),
         }
     }
 
@@ -566,41 +564,56 @@ impl AuditLogStore {
 
     /// The months of `table` and the months with copies pending, in one round of two
     /// concurrent queries.
-    async fn snapshot(&self, table: &str) -> Result<Snapshot, ApiError> {
+    async fn snapshot(&self, table: &'static str) -> Result<Snapshot, ApiError> {
         let (months, pending) = tokio::try_join!(self.months(table), self.pending_copies())?;
-        Ok(Snapshot { months, pending })
+        let snapshot = Snapshot { months, pending };
+        if let Ok(mut last) = self.last_snapshots.lock() {
+            last.insert(table, snapshot.clone());
+        }
+        Ok(snapshot)
+    }
+
+    /// The snapshot of `table` the last request took, if any.
+    fn last_snapshot(&self, table: &'static str) -> Option<Snapshot> {
+        self.last_snapshots.lock().ok()?.get(table).cloned()
     }
 
     /// One page of events and the total of its filters.
     ///
     /// A first page (or a cursor page) is read while the total is counted, in a window sized
-    /// by the per-month counts the cache kept from earlier requests (a month that received
-    /// rows since holds at least as many). A page at an offset waits for the total's exact
-    /// per-month counts and skips the whole months its offset passes.
+    /// by the months the last request listed and the per-month counts the cache kept (a month
+    /// that received rows since holds at least as many; a window that comes back short is
+    /// read again whole). A page at an offset waits for the total's exact per-month counts
+    /// and skips the whole months its offset passes.
     ///
     /// `items`: whether to read the events (JSON) or only their keys (CSV, which streams the
     /// events afterwards with [`Self::page_rows_cursor`]).
     pub async fn page(&self, request: &PageRequest<'_>, items: bool) -> Result<Page, ApiError> {
         let filters = request.filters;
-        let counted = Condition::indexed(request.organization_id, filters);
-        let snapshot = self.snapshot(counted.table).await?;
-        let months = snapshot.months.clone().unwrap_or_default();
+        let org = request.organization_id;
+        let table = Condition::indexed(org, filters).table;
         let ((keys, rows, more), (total, total_exact)) = if request.offset() == 0 {
-            let hints = self.month_hints(request.organization_id, filters, &months);
-            let window = Window::of(request, &months, &hints, false, &snapshot.pending);
-            let (page, (total, exact, _)) = tokio::try_join!(
-                self.read_page(request, window, items),
-                self.count_in(request.organization_id, filters, &snapshot),
-            )?;
+            // The window from what the last request saw of the table: a month listed since
+            // or a month that received rows since holds at least what the window counts.
+            let last = self.last_snapshot(table).unwrap_or_default();
+            let months = last.months.unwrap_or_default();
+            let hints = self.month_hints(org, filters, &months);
+            let window = Window::of(request, &months, &hints, false, &last.pending);
+            let total = async {
+                let snapshot = self.snapshot(table).await?;
+                self.count_in(org, filters, &snapshot).await
+            };
+            let (page, (total, exact, _)) =
+                tokio::try_join!(self.read_page(request, window, items), total)?;
             (page, (total, exact))
         } else {
-            let (total, exact, per_month) = self
-                .count_in(request.organization_id, filters, &snapshot)
-                .await?;
+            let snapshot = self.snapshot(table).await?;
+            let months = snapshot.months.clone().unwrap_or_default();
+            let (total, exact, per_month) = self.count_in(org, filters, &snapshot).await?;
             let window = match &per_month {
                 Some(rows) => Window::of(request, &months, rows, true, &snapshot.pending),
                 None => {
-                    let hints = self.month_hints(request.organization_id, filters, &months);
+                    let hints = self.month_hints(org, filters, &months);
                     Window::of(request, &months, &hints, false, &snapshot.pending)
                 }
             };
@@ -1039,8 +1052,14 @@ impl AuditLogStore {
             return self.by_month(bounded, Aggregate::Count, None, span).await;
         };
         let ((unbounded, whole), edges) = Self::split_months(organization_id, filters, months);
+        // The whole months' own range, on the sides where the filters bound it: without a
+        // cache the whole months are counted in one query over it.
+        let whole_span = (
+            span.0.and(whole.first().map(|m| m.start_ms)),
+            span.1.and(whole.last().map(|m| m.end_ms)),
+        );
         let (whole, edges) = tokio::try_join!(
-            self.by_month(&unbounded, Aggregate::Count, Some(whole), (None, None)),
+            self.by_month(&unbounded, Aggregate::Count, Some(whole), whole_span),
             async {
                 if edges.is_empty() {
                     return Ok(None);
@@ -1093,10 +1112,9 @@ impl AuditLogStore {
 
     /// `aggregate` over the rows of `condition` within `[from, to)`, computed per month (of
     /// `months`, from [`Self::months`]): the months whose parts did not change since the cache
-    /// saw them are taken from it, the others are computed one `UNION ALL` branch each. With
-    /// more than [`MONTHS_COUNTED_INLINE`] months to compute, the whole range is aggregated in
-    /// one query instead and the months are computed in the background for later requests. A
-    /// table whose partitions are not months is aggregated in one plain query.
+    /// saw them are taken from it, the others are computed one `UNION ALL` branch each. Without
+    /// a cache, `[from, to)` is aggregated in one query. A table whose partitions are not
+    /// months is aggregated in one plain query.
     async fn by_month(
         &self,
         condition: &Condition,
@@ -1131,34 +1149,21 @@ impl AuditLogStore {
                 per_month: Some(per_month),
             });
         }
-        if plan.missing.len() > MONTHS_COUNTED_INLINE {
-            // The whole range in one query: from the first month in range to the last.
-            let in_range: Vec<&Month> = months.iter().filter(|m| m.meets(from_ms, to_ms)).collect();
+        if !self.partitions.enabled() {
+            // Nothing is kept (`query.count_cache_entries = 0`): the range in one query, which
+            // ClickHouse answers from the primary key's ranges. Counted month by month it
+            // would cost a query's overhead (about 3 ms on 26.9) per month.
             let mut whole = condition.clone();
-            let first = in_range.first().map(|m| m.start_ms);
-            let last = in_range.last().map(|m| m.end_ms);
-            whole.between(
-                [first, from_ms].into_iter().flatten().max(),
-                [last, to_ms].into_iter().flatten().min(),
-            );
+            whole.between(from_ms, to_ms);
             let sql = format!(
                 "SELECT {} FROM {table} WHERE {}",
                 aggregate.sql(),
                 whole.clause()
             );
             let value = self.fetch_one(kind, &whole, &sql).await?;
-            if self.partitions.enabled() {
-                let store = self.clone();
-                let condition = condition.clone();
-                tokio::spawn(async move {
-                    if let Err(err) = store.compute_months(&condition, &key, plan).await {
-                        tracing::debug!(%err, "counting months in the background failed");
-                    }
-                });
-            }
             return Ok(Aggregated {
                 value,
-                counted_now: in_range.into_iter().cloned().collect(),
+                counted_now: plan.missing,
                 per_month: None,
             });
         }

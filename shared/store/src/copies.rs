@@ -49,17 +49,17 @@ pub const COPY_TABLES: &[CopyTable] = &[
     },
 ];
 
+/// The statement listing the months (partition ids) of `audit_events` with a copy found and
+/// not collapsed since, one `partition_id` a row (the API reads it in the same request as the
+/// table's parts).
+pub const PENDING_MONTHS_SQL: &str = "SELECT partition_id FROM audit_event_duplicates \
+     GROUP BY partition_id HAVING maxIf(at_ms, kind = 'found') >= maxIf(at_ms, kind = 'collapsed')";
+
 /// The months (partition ids) of `audit_events` with a copy found and not collapsed since.
 pub async fn pending_duplicate_months(
     client: &clickhouse::Client,
 ) -> Result<BTreeSet<String>, clickhouse::error::Error> {
-    let months: Vec<String> = client
-        .query(&format!(
-            "SELECT partition_id FROM {DUPLICATES_TABLE} GROUP BY partition_id \
-             HAVING maxIf(at_ms, kind = 'found') >= maxIf(at_ms, kind = 'collapsed')"
-        ))
-        .fetch_all()
-        .await?;
+    let months: Vec<String> = client.query(PENDING_MONTHS_SQL).fetch_all().await?;
     Ok(months.into_iter().collect())
 }
 
@@ -70,6 +70,11 @@ mod tests {
 
     /// The expressions the ingest re-runs are the views' own: a view changed by a migration
     /// must change them too.
+    #[test]
+    fn the_pending_months_statement_reads_the_duplicates_table() {
+        assert!(PENDING_MONTHS_SQL.contains(&format!("FROM {DUPLICATES_TABLE} ")));
+    }
+
     #[test]
     fn copy_expressions_are_the_views_own() {
         let squash = |s: &str| s.split_whitespace().collect::<Vec<_>>().join(" ");

@@ -11,6 +11,7 @@ mod rows;
 pub use config::{ClickHouseConfig, Compression};
 pub use copies::{
     pending_duplicate_months, CopyTable, COPY_TABLES, DUPLICATES_TABLE, INTENTS_TABLE,
+    PENDING_MONTHS_SQL,
 };
 pub use error::{exception_code, StoreError};
 pub use ping::{ping, PingError};

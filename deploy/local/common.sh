@@ -28,11 +28,14 @@ AUDIT_CLICKHOUSE_HTTPS_PORT="${AUDIT_CLICKHOUSE_HTTPS_PORT:-18443}"
 AUDIT_KAFKA_VERSION="${AUDIT_KAFKA_VERSION:-4.1.1}"
 AUDIT_KAFKA_HEAP="${AUDIT_KAFKA_HEAP:-512m}"
 
-CLICKHOUSE_DIR="$AUDIT_STATE_DIR/clickhouse"
+CLICKHOUSE_DIR="${AUDIT_CLICKHOUSE_DIR:-$AUDIT_STATE_DIR/clickhouse}"
 # The ClickHouse engine: ClickHouse 26.9 built as a library, from the PyPI wheel chdb-core (pinned),
 # in a virtual environment under the repository's .state, shared by every state directory (the
 # tests' private servers run with one of their own).
 AUDIT_CHDB_VERSION="${AUDIT_CHDB_VERSION:-26.9.0}"
+# The oldest supported engine, on which `make test` runs the workspace's tests a second time
+# (chdb-core 26.7.0 is ClickHouse 26.7.2.1; the wheels before 26.7 cannot listen on a port).
+AUDIT_CHDB_FLOOR_VERSION="${AUDIT_CHDB_FLOOR_VERSION:-26.7.0}"
 AUDIT_CHDB_VENV="${AUDIT_CHDB_VENV:-$REPO_ROOT/.state/chdb-$AUDIT_CHDB_VERSION}"
 KAFKA_DIR="$AUDIT_STATE_DIR/kafka"
 KAFKA_LIB="$AUDIT_STATE_DIR/kafka-$AUDIT_KAFKA_VERSION/lib"

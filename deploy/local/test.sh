@@ -21,6 +21,36 @@ deploy="not run"
 if (( status == 0 )); then
   if "$LOCAL_DIR/check-deploy.sh"; then deploy="passed"; else deploy="FAILED"; status=1; fi
 fi
+# The same tests on the oldest supported engine (AUDIT_CHDB_FLOOR_VERSION), a second ClickHouse
+# of its own on other ports, with its HTTPS front; Kafka is shared. AUDIT_SKIP_FLOOR=1 skips it.
+floor="not run"
+if (( status == 0 )) && [[ "${AUDIT_SKIP_FLOOR:-0}" != 1 ]]; then
+  floor_env=(
+    AUDIT_CHDB_VERSION="$AUDIT_CHDB_FLOOR_VERSION"
+    AUDIT_CHDB_VENV="$REPO_ROOT/.state/chdb-$AUDIT_CHDB_FLOOR_VERSION"
+    AUDIT_CLICKHOUSE_DIR="$AUDIT_STATE_DIR/clickhouse-floor"
+    AUDIT_CLICKHOUSE_HTTP_PORT="${AUDIT_FLOOR_HTTP_PORT:-18124}"
+    AUDIT_CLICKHOUSE_TCP_PORT="${AUDIT_FLOOR_TCP_PORT:-19001}"
+    AUDIT_CLICKHOUSE_HTTPS_PORT="${AUDIT_FLOOR_HTTPS_PORT:-18444}"
+  )
+  floor_output="$AUDIT_STATE_DIR/test-output-floor.log"
+  if env "${floor_env[@]}" bash -c '
+      set -e
+      source "$0/common.sh"
+      "$LOCAL_DIR/install.sh"
+      "$LOCAL_DIR/clickhouse.sh" start
+      trap '"'"'"$LOCAL_DIR/clickhouse.sh" stop'"'"' EXIT
+      log "the workspace tests again, on ClickHouse $(curl -fsS "http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT/?query=SELECT%20version()")"
+      AUDIT_TEST_CLICKHOUSE_URL="http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT" \
+      AUDIT_TEST_CLICKHOUSE_HTTPS_URL="https://127.0.0.1:$AUDIT_CLICKHOUSE_HTTPS_PORT" \
+        cargo test --workspace "$@"
+    ' "$LOCAL_DIR" "$@" 2>&1 | tee "$floor_output"; (( PIPESTATUS[0] == 0 )); then
+    floor="passed ($(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^passed/) p += $i } END { print p }' "$floor_output") tests)"
+  else
+    floor="FAILED"
+    status=1
+  fi
+fi
 set -e
 stop_started_parts_now
 # One closing line for the whole workspace (cargo prints one per test binary).
@@ -28,4 +58,5 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += 
      END { printf "tests: %d passed, %d failed\n", p, f }' "$output"
 echo "api fuzz (schemathesis, every check; generated client walks by cursor): $fuzz"
 echo "deploy checks (helm, kubernetes-validate, images, compose, dashboards): $deploy"
+echo "the same tests on ClickHouse $AUDIT_CHDB_FLOOR_VERSION (the oldest supported engine): $floor"
 exit "$status"

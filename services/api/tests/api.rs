@@ -181,6 +181,19 @@ impl TestApi {
         serde_json::from_slice(&body).unwrap()
     }
 
+    /// The ids of every page of `query`, first page then by `nextCursor` to the end.
+    async fn walk(&self, key: &str, query: &str) -> Vec<String> {
+        let mut walked = Vec::new();
+        let mut page = self.page(key, query).await;
+        loop {
+            walked.extend(ids(&page));
+            let Some(cursor) = page["nextCursor"].as_str().map(str::to_owned) else {
+                return walked;
+            };
+            page = self.page(key, &format!("{query}&cursor={cursor}")).await;
+        }
+    }
+
     async fn stop(mut self) {
         self.shutdown.cancel();
         if let Some(server) = self.server.take() {
@@ -1530,17 +1543,7 @@ async fn narrowed_pages_equal_full_sorts() {
     ascending.retain(|id| !id.starts_with("years"));
     assert_eq!(ids(&asc), ascending[..45].to_vec());
     for sort in ["desc", "asc"] {
-        let mut walked = Vec::new();
-        let mut page = api.page(&key, &format!("sort={sort}&limit=7")).await;
-        loop {
-            walked.extend(ids(&page));
-            let Some(cursor) = page["nextCursor"].as_str().map(str::to_owned) else {
-                break;
-            };
-            page = api
-                .page(&key, &format!("sort={sort}&limit=7&cursor={cursor}"))
-                .await;
-        }
+        let walked = api.walk(&key, &format!("sort={sort}&limit=7")).await;
         let want: Vec<String> = if sort == "desc" {
             expected.clone()
         } else {
@@ -1604,22 +1607,9 @@ async fn event_type_pages_equal_full_sorts_whatever_the_window() {
                 );
                 assert_eq!(page["total"], expected.len());
             }
-            let mut walked = Vec::new();
-            let mut page = api
-                .page(&key, &format!("eventType={event_type}&limit=4"))
+            let walked = api
+                .walk(&key, &format!("eventType={event_type}&limit=4"))
                 .await;
-            loop {
-                walked.extend(ids(&page));
-                let Some(cursor) = page["nextCursor"].as_str().map(str::to_owned) else {
-                    break;
-                };
-                page = api
-                    .page(
-                        &key,
-                        &format!("eventType={event_type}&limit=4&cursor={cursor}"),
-                    )
-                    .await;
-            }
             assert_eq!(walked, expected, "{event_type} round {round} cursor walk");
         }
     }
@@ -1652,16 +1642,7 @@ async fn a_copy_not_found_yet_shows_once() {
             "limit={limit} offset={offset}"
         );
     }
-    let mut walked = Vec::new();
-    let mut page = api.page(&key, "limit=3").await;
-    loop {
-        walked.extend(ids(&page));
-        let Some(cursor) = page["nextCursor"].as_str().map(str::to_owned) else {
-            break;
-        };
-        page = api.page(&key, &format!("limit=3&cursor={cursor}")).await;
-    }
-    assert_eq!(walked, expected);
+    assert_eq!(api.walk(&key, "limit=3").await, expected);
     let (_, _, body) = api.get(&key, "format=csv&limit=6").await;
     let csv = String::from_utf8(body).unwrap();
     let lines: Vec<&str> = csv.lines().skip(1).collect();

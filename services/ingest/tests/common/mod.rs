@@ -491,6 +491,9 @@ impl PrivateClickHouse {
             .arg(repo_root().join("deploy/local/clickhouse.sh"))
             .arg(action)
             .env("AUDIT_STATE_DIR", state)
+            // Its directory under its own state, even inside `make test`'s second run, which
+            // points the local stack's at the floor engine's.
+            .env_remove("AUDIT_CLICKHOUSE_DIR")
             .env("AUDIT_CLICKHOUSE_HTTP_PORT", http_port.to_string())
             .env("AUDIT_CLICKHOUSE_TCP_PORT", tcp_port.to_string())
             // No HTTPS proxy: its port belongs to the local stack's server.

@@ -567,14 +567,11 @@ impl AuditLogStore {
     /// The months of `table` (its active parts) and the months with copies pending, in one
     /// query.
     async fn snapshot(&self, table: &'static str) -> Result<Snapshot, ApiError> {
-        let mut listing = Condition::on("system.parts");
-        listing.and("database = currentDatabase() AND active");
-        listing.and_compare("table =", Param::Text(table.to_owned()));
+        let (listing, parts_sql) = Self::parts_listing(table);
         // Rows with `pending` = 1 name a month with a copy pending; the others are parts.
         let sql = format!(
-            "SELECT partition_id, name, level, 0 AS pending FROM system.parts WHERE {} \
-             UNION ALL SELECT partition_id, '', 0, 1 FROM ({PENDING_MONTHS_SQL})",
-            listing.sql
+            "SELECT *, 0 AS pending FROM ({parts_sql}) \
+             UNION ALL SELECT partition_id, '', 0, 1 FROM ({PENDING_MONTHS_SQL})"
         );
         let rows: Vec<(String, String, u32, u8)> =
             self.fetch_all("snapshot", &listing, &sql).await?;
@@ -1141,6 +1138,13 @@ impl AuditLogStore {
     /// The months of `table` from its active parts (one `system.parts` read), or None when it
     /// is not partitioned by month.
     async fn months(&self, table: &str) -> Result<Option<Vec<Month>>, ApiError> {
+        let (listing, sql) = Self::parts_listing(table);
+        let parts: Vec<Part> = self.fetch_all("parts", &listing, &sql).await?;
+        Ok(partitions::months(&parts))
+    }
+
+    /// The active parts of `table` (partition, name, level): its condition and statement.
+    fn parts_listing(table: &str) -> (Condition, String) {
         let mut listing = Condition::on("system.parts");
         listing.and("database = currentDatabase() AND active");
         listing.and_compare("table =", Param::Text(table.to_owned()));
@@ -1148,8 +1152,7 @@ impl AuditLogStore {
             "SELECT partition_id, name, level FROM system.parts WHERE {}",
             listing.sql
         );
-        let parts: Vec<Part> = self.fetch_all("parts", &listing, &sql).await?;
-        Ok(partitions::months(&parts))
+        (listing, sql)
     }
 
     fn aggregate_key(condition: &Condition, aggregate: Aggregate) -> AggregateKey {

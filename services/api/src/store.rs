@@ -613,13 +613,16 @@ impl AuditLogStore {
         let filters = request.filters;
         let org = request.organization_id;
         let table = Condition::indexed(org, filters).table;
+        // A window sized by the counts kept from earlier requests (lower bounds).
+        let hinted = |snapshot: &Snapshot| {
+            let months = snapshot.months.clone().unwrap_or_default();
+            let hints = self.month_hints(org, filters, &months);
+            Window::of(request, &months, &hints, false, &snapshot.pending)
+        };
         let ((keys, rows, more), (total, total_exact)) = if request.offset() == 0 {
             // The window from what the last request saw of the table: a month listed since
             // or a month that received rows since holds at least what the window counts.
-            let last = self.last_snapshot(table).unwrap_or_default();
-            let months = last.months.unwrap_or_default();
-            let hints = self.month_hints(org, filters, &months);
-            let window = Window::of(request, &months, &hints, false, &last.pending);
+            let window = hinted(&self.last_snapshot(table).unwrap_or_default());
             let (page, (total, exact, _)) = tokio::try_join!(
                 self.read_page(request, window, items),
                 self.total(org, filters)
@@ -627,14 +630,13 @@ impl AuditLogStore {
             (page, (total, exact))
         } else {
             let snapshot = self.snapshot(table).await?;
-            let months = snapshot.months.clone().unwrap_or_default();
             let (total, exact, per_month) = self.count_in(org, filters, &snapshot).await?;
             let window = match &per_month {
-                Some(rows) => Window::of(request, &months, rows, true, &snapshot.pending),
-                None => {
-                    let hints = self.month_hints(org, filters, &months);
-                    Window::of(request, &months, &hints, false, &snapshot.pending)
+                Some(rows) => {
+                    let months = snapshot.months.as_deref().unwrap_or_default();
+                    Window::of(request, months, rows, true, &snapshot.pending)
                 }
+                None => hinted(&snapshot),
             };
             (
                 self.read_page(request, window, items).await?,

@@ -4,6 +4,8 @@
 # native protocols, with its data, logs and pid file under the state directory. The engine cannot
 # listen on TLS itself (clickhouse-local's SYSTEM START LISTEN takes HTTP and TCP only), so
 # stunnel, from Debian, serves HTTPS in front of its HTTP port with the certificate of tls.sh.
+# AUDIT_CLICKHOUSE_REMOTE_SERVERS, when set, is the <remote_servers> of the config (the clusters
+# this server knows: clickhouse-shards.sh).
 # Usage: clickhouse.sh start|stop|status
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
@@ -32,6 +34,7 @@ write_config() {
   <max_concurrent_queries>100</max_concurrent_queries>
   <mark_cache_size>268435456</mark_cache_size>
   <uncompressed_cache_size>268435456</uncompressed_cache_size>
+${AUDIT_CLICKHOUSE_REMOTE_SERVERS:+  <remote_servers>$AUDIT_CLICKHOUSE_REMOTE_SERVERS</remote_servers>}
 </clickhouse>
 XML
   cat > "$CLICKHOUSE_DIR/stunnel.conf" <<CONF

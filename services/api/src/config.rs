@@ -171,7 +171,7 @@ impl Default for ReadEventsConfig {
 impl ApiConfig {
     /// Loads and validates the configuration; `file` is an optional TOML file.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        let config: Self = load_settings(ENV_PREFIX, file, &[])?;
+        let config: Self = load_settings(ENV_PREFIX, file, &["clickhouse.cluster_nodes"])?;
         config.validate()?;
         Ok(config)
     }

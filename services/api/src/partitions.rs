@@ -82,8 +82,23 @@ impl Month {
 }
 
 /// One active part as `system.parts` lists it: `(partition_id, name, level)`; level 0 is an
-/// insert, above 0 a merge.
+/// insert, above 0 a merge. On a cluster the name is `<shard number>/<name>`: each shard
+/// names its own parts.
 pub type Part = (String, String, u32);
+
+/// Whether a month's parts are one merged part per shard: then no event is stored twice in it
+/// (the copies of an event are on one shard).
+fn merged(parts: &[(&str, u32)]) -> bool {
+    let mut per_shard: BTreeMap<&str, usize> = BTreeMap::new();
+    for (name, level) in parts {
+        if *level == 0 {
+            return false;
+        }
+        let shard = name.split_once('/').map_or("", |(shard, _)| shard);
+        *per_shard.entry(shard).or_default() += 1;
+    }
+    !per_shard.is_empty() && per_shard.values().all(|&n| n == 1)
+}
 
 /// The months of a table from its active parts, or None when a partition id is not a `YYYYMM`
 /// month (the table is not partitioned as this module assumes).
@@ -107,7 +122,7 @@ pub fn months(parts: &[Part]) -> Option<Vec<Month>> {
                 start_ms,
                 end_ms,
                 digest: hasher.finish(),
-                merged: matches!(parts.as_slice(), [(_, level)] if *level > 0),
+                merged: merged(&parts),
             })
         })
         .collect()
@@ -356,6 +371,25 @@ mod tests {
         assert_eq!(plan.missing.len(), 2);
         let computed = vec![("202501".to_owned(), 9), ("202502".to_owned(), 4)];
         assert_eq!(cache.complete(&newest, plan, &computed), 9);
+    }
+
+    #[test]
+    fn on_a_cluster_one_merged_part_per_shard_makes_a_month_duplicate_free() {
+        let part = |name: &str, level| ("202501".to_owned(), name.to_owned(), level);
+        let merged = |parts: &[Part]| months(parts).unwrap()[0].merged;
+        assert!(merged(&[
+            part("1/202501_1_9_2", 2),
+            part("2/202501_1_7_1", 1)
+        ]));
+        assert!(!merged(&[
+            part("1/202501_1_9_2", 2),
+            part("2/202501_8_8_0", 0)
+        ]));
+        assert!(!merged(&[
+            part("1/202501_1_9_2", 2),
+            part("2/202501_1_7_1", 1),
+            part("2/202501_8_9_1", 1)
+        ]));
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use audit_store::clickhouse::{self, Row};
-use audit_store::{ClickHouseConfig, EVENTS_TABLE, PENDING_MONTHS_SQL};
+use audit_store::{ClickHouseConfig, Topology, EVENTS_TABLE, PENDING_MONTHS_SQL};
 use serde::Deserialize;
 
 use crate::config::QueryConfig;
@@ -567,7 +567,7 @@ impl AuditLogStore {
     /// The months of `table` (its active parts) and the months with copies pending, in one
     /// query.
     async fn snapshot(&self, table: &'static str) -> Result<Snapshot, ApiError> {
-        let (listing, parts_sql) = Self::parts_listing(table);
+        let (listing, parts_sql) = self.parts_listing(table);
         // Rows with `pending` = 1 name a month with a copy pending; the others are parts.
         let sql = format!(
             "SELECT *, 0 AS pending FROM ({parts_sql}) \
@@ -1140,20 +1140,31 @@ impl AuditLogStore {
     /// The months of `table` from its active parts (one `system.parts` read), or None when it
     /// is not partitioned by month.
     async fn months(&self, table: &str) -> Result<Option<Vec<Month>>, ApiError> {
-        let (listing, sql) = Self::parts_listing(table);
+        let (listing, sql) = self.parts_listing(table);
         let parts: Vec<Part> = self.fetch_all("parts", &listing, &sql).await?;
         Ok(partitions::months(&parts))
     }
 
-    /// The active parts of `table` (partition, name, level): its condition and statement.
-    fn parts_listing(table: &str) -> (Condition, String) {
+    /// The active parts of `table` (partition, name, level): its condition and statement. On
+    /// a cluster, the parts of its shards' own tables, one replica of each shard, each name
+    /// prefixed with its shard's number (see [`partitions::Part`]).
+    fn parts_listing(&self, table: &str) -> (Condition, String) {
+        let topology = self.clickhouse.topology();
         let mut listing = Condition::on("system.parts");
-        listing.and("database = currentDatabase() AND active");
-        listing.and_compare("table =", Param::Text(table.to_owned()));
-        let sql = format!(
-            "SELECT partition_id, name, level FROM system.parts WHERE {}",
-            listing.sql
-        );
+        listing.and("active");
+        listing.and_compare("database =", Param::Text(self.clickhouse.database.clone()));
+        listing.and_compare("table =", Param::Text(topology.local_table(table)));
+        let sql = match topology {
+            Topology::Single => format!(
+                "SELECT partition_id, name, level FROM system.parts WHERE {}",
+                listing.sql
+            ),
+            Topology::Replicated { cluster } | Topology::Shards { cluster, .. } => format!(
+                "SELECT partition_id, concat(toString(_shard_num), '/', name), level \
+                 FROM cluster('{cluster}', system.parts) WHERE {}",
+                listing.sql
+            ),
+        };
         (listing, sql)
     }
 

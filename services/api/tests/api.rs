@@ -35,11 +35,10 @@ impl TestApi {
         let suffix = uuid::Uuid::new_v4().simple().to_string();
         let mut config = ApiConfig {
             http_listen: "127.0.0.1:0".parse().unwrap(),
-            clickhouse: ClickHouseConfig {
-                url: clickhouse_url(),
-                database: format!("audit_api_test_{name}_{}", &suffix[..12]),
-                ..ClickHouseConfig::default()
-            },
+            clickhouse: audit_testkit::clickhouse_config(format!(
+                "audit_api_test_{name}_{}",
+                &suffix[..12]
+            )),
             shutdown_timeout_ms: 2_000,
             ..ApiConfig::default()
         };
@@ -1120,13 +1119,16 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
     let key = api.key("org_a", Role::Admin).await;
     let total = |query: &'static str| api.total(&key, query);
     // No background merge may collapse a copy before the test looks at it.
-    let merges = |verb: &'static str| {
-        let client = api.client();
-        async move {
-            let sql = format!("SYSTEM {verb} MERGES audit_events");
-            client.query(&sql).execute().await.unwrap();
-        }
+    // On a cluster: the shards' own tables, on every server.
+    let events = api
+        .clickhouse
+        .topology()
+        .local_table(audit_store::EVENTS_TABLE);
+    let everywhere = |sql: String| {
+        let clickhouse = api.clickhouse.clone();
+        async move { clickhouse.execute_everywhere(&sql, |c| c).await.unwrap() }
     };
+    let merges = |verb: &'static str| everywhere(format!("SYSTEM {verb} MERGES {events}"));
     merges("STOP").await;
     // Above the exact-total limit (so the stored rows are what is counted): 110,000 events 30 s
     // apart, January and February 2025, and another organization's events in the same months.
@@ -1159,11 +1161,7 @@ async fn totals_follow_inserts_redeliveries_and_merges() {
     api.insert_copies(&bulk[..2]).await;
     assert_eq!(total("limit=1").await, (110_010, false));
     merges("START").await;
-    api.client()
-        .query("OPTIMIZE TABLE audit_events FINAL")
-        .execute()
-        .await
-        .unwrap();
+    everywhere(format!("OPTIMIZE TABLE {events} FINAL")).await;
     // Now every month is one merged part, where no copy can hide: exact at any size.
     assert_eq!(total("limit=1").await, (110_008, true));
     let by_actor = total("limit=1&from=2025-02-01T00:00:00Z&actorId=usr_admin").await;
@@ -1703,6 +1701,9 @@ async fn reads_over_https_and_publishes_read_events_over_sasl_ssl() {
     let stack = audit_testkit::SecureStack::from_env();
     let topic = read_events_topic("tls-reads").await;
     let api = TestApi::spawn_with("https", |config| {
+        // The stack's one server behind TLS, whatever layout the other tests use.
+        config.clickhouse.cluster = String::new();
+        config.clickhouse.cluster_nodes = Vec::new();
         config.clickhouse.url = stack.clickhouse_https.clone();
         config.clickhouse.tls.ca_file = Some(stack.tls("ca.crt"));
         config.read_events.enabled = true;

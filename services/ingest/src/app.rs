@@ -152,7 +152,7 @@ impl Application {
         ));
         let duplicates = tokio::spawn(duplicates::watch(
             self.duplicates,
-            self.ops.clickhouse.clone(),
+            self.config.clickhouse.clone(),
             self.ops.metrics.clone(),
             shutdown.clone(),
         ));

@@ -253,7 +253,11 @@ impl LivenessConfig {
 impl IngestConfig {
     /// Loads and validates the configuration; `file` is an optional TOML file.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
-        let config: Self = load_settings(ENV_PREFIX, file, &["kafka.topics"])?;
+        let config: Self = load_settings(
+            ENV_PREFIX,
+            file,
+            &["kafka.topics", "clickhouse.cluster_nodes"],
+        )?;
         config.validate()?;
         Ok(config)
     }

@@ -22,7 +22,8 @@ use std::time::Duration;
 
 use audit_store::clickhouse::{self, Row};
 use audit_store::{
-    pending_duplicate_months, AuditEventRow, COPY_TABLES, DUPLICATES_TABLE, EVENTS_TABLE,
+    pending_duplicate_months, AuditEventRow, ClickHouseConfig, COPY_TABLES, DUPLICATES_TABLE,
+    EVENTS_TABLE,
 };
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -108,10 +109,11 @@ struct FindingRow<'a> {
 /// Runs until `shutdown`: checks what was inserted, records and collapses what it finds.
 pub async fn watch(
     watch: std::sync::Arc<DuplicateWatch>,
-    client: clickhouse::Client,
+    store: ClickHouseConfig,
     metrics: IngestMetrics,
     shutdown: CancellationToken,
 ) {
+    let client = store.client();
     let mut last_check = std::time::Instant::now();
     loop {
         tokio::select! {
@@ -125,7 +127,7 @@ pub async fn watch(
             last_check = std::time::Instant::now();
             check_noted(&watch, &client, &metrics).await;
         }
-        if let Err(err) = collapse_pending(&client, &metrics).await {
+        if let Err(err) = collapse_pending(&store, &metrics).await {
             warn!(error = %err, "collapsing months that hold copies failed; trying again");
         }
     }
@@ -228,17 +230,16 @@ async fn record(
 }
 
 /// Collapses every pending month: merges each table's partition of that month into one part,
-/// which keeps one row per event. The collapse is recorded with the time it started, so that
-/// a copy found after that time keeps the month pending.
+/// which keeps one row per event (on a cluster: on every shard, where the copies of an event
+/// are, see [`audit_store::Topology`]). The collapse is recorded with the time it started, so
+/// that a copy found after that time keeps the month pending.
 pub async fn collapse_pending(
-    client: &clickhouse::Client,
+    store: &ClickHouseConfig,
     metrics: &IngestMetrics,
 ) -> Result<(), clickhouse::error::Error> {
-    let months: BTreeSet<String> = pending_duplicate_months(client).await?;
-    // An OPTIMIZE that finds the month's parts merging already (another replica collapsing
-    // it, or a background merge) would do nothing and succeed: then the month would be
-    // recorded as collapsed before it is. It must fail instead, and is tried again.
-    let client = client.clone().with_setting("optimize_throw_if_noop", "1");
+    let client = store.client();
+    let months: BTreeSet<String> = pending_duplicate_months(&client).await?;
+    let topology = store.topology();
     for month in months {
         // Only months as ClickHouse names them (`toYYYYMM`): the id is spliced into OPTIMIZE,
         // which takes no bound values.
@@ -248,11 +249,17 @@ pub async fn collapse_pending(
         let started = now_ms();
         let clock = std::time::Instant::now();
         for table in std::iter::once(EVENTS_TABLE).chain(COPY_TABLES.iter().map(|c| c.table)) {
-            client
-                .query(&format!(
-                    "OPTIMIZE TABLE {table} PARTITION ID '{month}' FINAL"
-                ))
-                .execute()
+            let sql = format!(
+                "OPTIMIZE TABLE {}{} PARTITION ID '{month}' FINAL",
+                topology.local_table(table),
+                topology.on_cluster()
+            );
+            // An OPTIMIZE that finds the month's parts merging already (another replica
+            // collapsing it, or a background merge) would do nothing and succeed: then the
+            // month would be recorded as collapsed before it is. It must fail instead, and is
+            // tried again.
+            store
+                .execute_everywhere(&sql, |c| c.with_setting("optimize_throw_if_noop", "1"))
                 .await?;
         }
         let mut insert = client.insert::<FindingRow<'_>>(DUPLICATES_TABLE).await?;

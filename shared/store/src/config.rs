@@ -28,6 +28,15 @@ pub struct ClickHouseConfig {
     /// With an `https://` URL: the CA to trust instead of the system's roots, and an optional
     /// client certificate.
     pub tls: TlsSettings,
+    /// A sharded deployment: the cluster's name in the servers' `remote_servers`. Empty: one
+    /// server. See `audit_store::Topology` for the layout.
+    pub cluster: String,
+    /// With `cluster`: shards with replicas (`Replicated*` engines, `ON CLUSTER` statements;
+    /// the servers need Keeper). `false`: shards of one server each, without Keeper.
+    pub cluster_replicated: bool,
+    /// With `cluster` and `cluster_replicated = false`: the HTTP URL of every server of the
+    /// cluster, to which statements for every server are sent in turn.
+    pub cluster_nodes: Vec<String>,
 }
 
 /// Body compression between the services and ClickHouse.
@@ -48,6 +57,9 @@ impl Default for ClickHouseConfig {
             password: SecretString::from(String::new()),
             compression: Compression::Lz4,
             tls: TlsSettings::default(),
+            cluster: String::new(),
+            cluster_replicated: true,
+            cluster_nodes: Vec::new(),
         }
     }
 }
@@ -79,12 +91,59 @@ impl ClickHouseConfig {
                 self.database
             )));
         }
+        self.validate_cluster()
+    }
+
+    fn validate_cluster(&self) -> Result<(), StoreError> {
+        let refuse = |message: String| Err(StoreError::Config(message));
+        if self.cluster.is_empty() {
+            if !self.cluster_nodes.is_empty() {
+                return refuse(
+                    "clickhouse.cluster_nodes is set but clickhouse.cluster is not".to_owned(),
+                );
+            }
+            return Ok(());
+        }
+        if !is_identifier(&self.cluster) {
+            return refuse(format!(
+                "clickhouse.cluster must be letters, digits and underscores, got {:?}",
+                self.cluster
+            ));
+        }
+        if self.cluster_replicated && !self.cluster_nodes.is_empty() {
+            return refuse(
+                "clickhouse.cluster_nodes is for clickhouse.cluster_replicated = false \
+                 (a replicated cluster is told with ON CLUSTER)"
+                    .to_owned(),
+            );
+        }
+        if !self.cluster_replicated && self.cluster_nodes.is_empty() {
+            return refuse(
+                "clickhouse.cluster_replicated = false needs clickhouse.cluster_nodes, \
+                 the HTTP URL of every server of the cluster"
+                    .to_owned(),
+            );
+        }
+        for node in &self.cluster_nodes {
+            if !(node.starts_with("http://") || node.starts_with("https://")) {
+                return refuse(format!(
+                    "clickhouse.cluster_nodes: {node:?} must start with http:// or https://"
+                ));
+            }
+        }
         Ok(())
     }
 
     /// A client bound to the audit database.
     pub fn client(&self) -> clickhouse::Client {
-        self.server_client().with_database(&self.database)
+        let client = self.server_client().with_database(&self.database);
+        if self.cluster.is_empty() {
+            client
+        } else {
+            // An insert into a Distributed table returns once every shard stored its rows,
+            // not when they are queued on the server that received them.
+            client.with_setting("distributed_foreground_insert", "1")
+        }
     }
 
     fn https(&self) -> bool {
@@ -166,6 +225,27 @@ mod tests {
         assert!(config.validate().is_err());
         config.database = "9audit".to_owned();
         assert!(config.validate().is_err());
+    }
+
+    #[test]
+    fn cluster_settings_that_cannot_work_are_refused_naming_the_key() {
+        let config = |cluster: &str, replicated: bool, nodes: &[&str]| ClickHouseConfig {
+            cluster: cluster.to_owned(),
+            cluster_replicated: replicated,
+            cluster_nodes: nodes.iter().map(|n| (*n).to_owned()).collect(),
+            ..ClickHouseConfig::default()
+        };
+        let refused = |c: ClickHouseConfig| c.validate().unwrap_err().to_string();
+        assert!(config("audit", true, &[]).validate().is_ok());
+        assert!(config("audit", false, &["http://a:8123", "https://b:8443"])
+            .validate()
+            .is_ok());
+        assert!(refused(config("", true, &["http://a:8123"])).contains("clickhouse.cluster_nodes"));
+        assert!(refused(config("a-b", true, &[])).contains("clickhouse.cluster must"));
+        assert!(refused(config("audit", false, &[])).contains("needs clickhouse.cluster_nodes"));
+        assert!(refused(config("audit", true, &["http://a:8123"]))
+            .contains("cluster_replicated = false"));
+        assert!(refused(config("audit", false, &["a:8123"])).contains("\"a:8123\""));
     }
 
     #[test]

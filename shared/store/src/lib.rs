@@ -1,6 +1,7 @@
 //! The ClickHouse side of audit-logs, shared by both services: connection settings, the row
 //! types of the events table, and the migrations runner for `schemas/clickhouse/`.
 
+mod cluster;
 mod config;
 mod copies;
 mod error;
@@ -8,6 +9,7 @@ pub mod migrations;
 mod ping;
 mod rows;
 
+pub use cluster::{is_sharded, Rendered, Topology, LOCAL_SUFFIX, SHARD_KEY};
 pub use config::{ClickHouseConfig, Compression};
 pub use copies::{
     pending_duplicate_months, CopyTable, COPY_TABLES, DUPLICATES_TABLE, INTENTS_TABLE,

@@ -128,28 +128,44 @@ pub async fn ensure_current(config: &ClickHouseConfig) -> Result<(), StoreError>
     }
 }
 
+/// The record of applied migrations, in the form [`crate::Topology::render`] lays out.
+const RECORD_TABLE_SQL: &str = "CREATE TABLE IF NOT EXISTS schema_migrations \
+     (version UInt32, name String, checksum String, applied_at DateTime)\n\
+     ENGINE = ReplacingMergeTree()\n\
+     ORDER BY version";
+
+/// Runs `statement` on the topology of `config`: rendered for it, each part once or on every
+/// server.
+async fn run(config: &ClickHouseConfig, statement: &str, doing: &str) -> Result<(), StoreError> {
+    for part in config.topology().render(statement, &config.database)? {
+        let result = if part.every_server {
+            config.execute_everywhere(&part.sql, |c| c).await
+        } else {
+            config.client().query(&part.sql).execute().await
+        };
+        result.map_err(StoreError::clickhouse(doing))?;
+    }
+    Ok(())
+}
+
 /// Creates the database if needed and applies every pending migration in order.
 pub async fn apply(config: &ClickHouseConfig) -> Result<MigrationReport, StoreError> {
     config.validate()?;
-    config
-        .server_client()
-        .query(&format!(
-            "CREATE DATABASE IF NOT EXISTS {}",
-            config.database
-        ))
-        .execute()
-        .await
-        .map_err(StoreError::clickhouse("creating the database"))?;
+    let create_database = format!(
+        "CREATE DATABASE IF NOT EXISTS {}{}",
+        config.database,
+        config.topology().on_cluster()
+    );
+    for server in config.every_server() {
+        server
+            .server_client()
+            .query(&create_database)
+            .execute()
+            .await
+            .map_err(StoreError::clickhouse("creating the database"))?;
+    }
     let client = config.client();
-    client
-        .query(&format!(
-            "CREATE TABLE IF NOT EXISTS {RECORD_TABLE} \
-             (version UInt32, name String, checksum String, applied_at DateTime) \
-             ENGINE = ReplacingMergeTree() ORDER BY version"
-        ))
-        .execute()
-        .await
-        .map_err(StoreError::clickhouse("creating the migrations table"))?;
+    run(config, RECORD_TABLE_SQL, "creating the migrations table").await?;
 
     let applied = applied_versions(config).await?;
     verify_applied(&applied)?;
@@ -163,15 +179,12 @@ pub async fn apply(config: &ClickHouseConfig) -> Result<MigrationReport, StoreEr
             report.already_applied.push(migration.version);
             continue;
         }
+        let doing = format!(
+            "applying migration {} ({})",
+            migration.version, migration.name
+        );
         for statement in migration.statements() {
-            client
-                .query(&statement)
-                .execute()
-                .await
-                .map_err(StoreError::clickhouse(format!(
-                    "applying migration {} ({})",
-                    migration.version, migration.name
-                )))?;
+            run(config, &statement, &doing).await?;
         }
         let mut insert = client
             .insert::<AppliedMigration>(RECORD_TABLE)

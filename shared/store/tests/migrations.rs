@@ -7,11 +7,7 @@ use audit_store::migrations::{self, MIGRATIONS};
 use audit_store::{AuditEventRow, ClickHouseConfig, Lineage, StoreError, EVENTS_TABLE};
 
 fn fresh_config() -> ClickHouseConfig {
-    ClickHouseConfig {
-        url: audit_testkit::clickhouse_url(),
-        database: format!("audit_test_{}", uuid::Uuid::new_v4().simple()),
-        ..ClickHouseConfig::default()
-    }
+    audit_testkit::clickhouse_config(format!("audit_test_{}", uuid::Uuid::new_v4().simple()))
 }
 
 async fn drop_database(config: &ClickHouseConfig) {
@@ -130,9 +126,9 @@ async fn round_trips_an_event_row_with_millisecond_precision() {
 
     // The partition key puts the event in its UTC month.
     let partition: String = client
-        .query("SELECT partition FROM system.parts WHERE database = ? AND table = ? AND active")
-        .bind(config.database.as_str())
-        .bind(EVENTS_TABLE)
+        .query("SELECT _partition_id FROM audit_events WHERE organization_id = ? AND id = ?")
+        .bind(event.organization_id.as_str())
+        .bind(event.id.as_str())
         .fetch_one()
         .await
         .unwrap();
@@ -236,6 +232,66 @@ async fn filter_indexes_cover_old_and_new_events_and_the_backfill_is_idempotent(
         .unwrap();
     assert_eq!(copied.len(), 2);
     assert_eq!(copied, stored);
+    drop_database(&config).await;
+}
+
+/// Events written through `audit_events` are stored on the servers of the configured layout
+/// (one server, or spread over every shard of a cluster), each copy table's rows beside their
+/// event, and read back whole through `audit_events`.
+#[tokio::test]
+async fn events_are_stored_on_every_shard_and_read_back_whole() {
+    let config = fresh_config();
+    migrations::apply(&config).await.unwrap();
+    let rows: Vec<AuditEventRow> = (0..200)
+        .map(|n| AuditEventRow {
+            organization_id: "org_a".to_owned(),
+            occurred_at_ms: 1_735_689_600_000 + n * 1000,
+            id: format!("evt_{n:03}"),
+            event_type: "user.created".to_owned(),
+            ..AuditEventRow::default()
+        })
+        .collect();
+    let mut insert = config
+        .client()
+        .insert::<AuditEventRow>(EVENTS_TABLE)
+        .await
+        .unwrap();
+    for row in &rows {
+        insert.write(row).await.unwrap();
+    }
+    insert.end().await.unwrap();
+    // Once acknowledged, every row is readable (a cluster's insert waits for its shards).
+    let whole: u64 = config
+        .client()
+        .query("SELECT count() FROM audit_events WHERE organization_id = 'org_a'")
+        .fetch_one()
+        .await
+        .unwrap();
+    assert_eq!(whole, 200);
+    let topology = config.topology();
+    let servers = config.every_server();
+    let mut stored = Vec::new();
+    for server in &servers {
+        let count = |table: &str| {
+            let sql = format!("SELECT count() FROM {}", topology.local_table(table));
+            let client = server.client();
+            async move { client.query(&sql).fetch_one::<u64>().await.unwrap() }
+        };
+        let events = count(EVENTS_TABLE).await;
+        // The view of each server copies its own events, no more, no fewer.
+        assert_eq!(
+            count("audit_events_by_type").await,
+            events,
+            "{}",
+            server.url
+        );
+        stored.push(events);
+    }
+    assert_eq!(stored.iter().sum::<u64>(), 200, "{stored:?}");
+    assert!(
+        stored.iter().all(|&n| n > 0),
+        "a server got nothing: {stored:?}"
+    );
     drop_database(&config).await;
 }
 

@@ -66,16 +66,41 @@ impl SecureStack {
     }
 }
 
-/// Drops `database` on the server of `config` (whatever `config.database` names).
+/// Settings for a test database named `database` on the ClickHouse of the tests: one server at
+/// [`clickhouse_url`], or the shards of a cluster when `AUDIT_TEST_CLICKHOUSE_CLUSTER` names
+/// one (replicated, unless `AUDIT_TEST_CLICKHOUSE_CLUSTER_NODES` lists the HTTP URL of every
+/// server: then shards of one server each, see `deploy/local/test.sh`).
+pub fn clickhouse_config(database: String) -> ClickHouseConfig {
+    let cluster = std::env::var("AUDIT_TEST_CLICKHOUSE_CLUSTER").unwrap_or_default();
+    let cluster_nodes: Vec<String> = std::env::var("AUDIT_TEST_CLICKHOUSE_CLUSTER_NODES")
+        .unwrap_or_default()
+        .split(',')
+        .filter(|url| !url.is_empty())
+        .map(str::to_owned)
+        .collect();
+    ClickHouseConfig {
+        url: clickhouse_url(),
+        database,
+        cluster,
+        cluster_replicated: cluster_nodes.is_empty(),
+        cluster_nodes,
+        ..ClickHouseConfig::default()
+    }
+}
+
+/// Drops `database` on every server of `config` (whatever `config.database` names).
 pub async fn drop_database(
     config: &ClickHouseConfig,
     database: &str,
 ) -> Result<(), audit_store::clickhouse::error::Error> {
-    config
-        .server_client()
-        .query(&format!("DROP DATABASE IF EXISTS {database}"))
-        .execute()
-        .await
+    let sql = format!(
+        "DROP DATABASE IF EXISTS {database}{}",
+        config.topology().on_cluster()
+    );
+    for server in config.every_server() {
+        server.server_client().query(&sql).execute().await?;
+    }
+    Ok(())
 }
 
 /// `target/release/<name>` of this workspace; panics with the build command when missing.

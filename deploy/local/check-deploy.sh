@@ -55,7 +55,8 @@ for bad in "api.rateLimit.burst=-1" "clickhouse.compression=gzip" "api.keysRefre
            "ingest.topics=null" "image.pullPolicy=Sometimes" "kafka.properties.sasl\.password=x" \
            "ingest.sessionTimeoutMs=1000" "ingest.assignor=sticky" "ingest.liveness.stallAfterMs=5" \
            "kafka.security.protocol=TLS" "kafka.security.saslMechanism=GSSAPI" \
-           "kafka.security.saslMechanism=PLAIN" "kafka.security.endpointIdentification=off"; do
+           "kafka.security.saslMechanism=PLAIN" "kafka.security.endpointIdentification=off" \
+           "clickhouse.cluster=bad-name" "clickhouse.clusterNodes={clickhouse-0:8123}"; do
   if "$helm" template audit "$CHART" --kube-version "${KUBE_VERSIONS[0]}" --set "$bad" >/dev/null 2>&1; then
     die "values.schema.json accepted --set $bad"
   fi

@@ -51,8 +51,9 @@ if (( status == 0 )) && [[ "${AUDIT_SKIP_FLOOR:-0}" != 1 ]]; then
     status=1
   fi
 fi
-# The store's and the API's tests again through a sharded ClickHouse: two engines as the shards
-# of the Distributed tables (deploy/local/clickhouse-shards.sh). AUDIT_SKIP_SHARDS=1 skips it.
+# The store's, the API's and the ingest's integration tests again through a sharded ClickHouse:
+# two engines as the shards of the Distributed tables (deploy/local/clickhouse-shards.sh).
+# AUDIT_SKIP_SHARDS=1 skips it.
 sharded="not run"
 if (( status == 0 )) && [[ "${AUDIT_SKIP_SHARDS:-0}" != 1 ]]; then
   sharded_output="$AUDIT_STATE_DIR/test-output-sharded.log"
@@ -61,8 +62,10 @@ if (( status == 0 )) && [[ "${AUDIT_SKIP_SHARDS:-0}" != 1 ]]; then
       source "$0/common.sh"
       "$LOCAL_DIR/clickhouse-shards.sh" start
       trap '"'"'"$LOCAL_DIR/clickhouse-shards.sh" stop'"'"' EXIT
-      log "the store and API tests again, through the shards of: $("$LOCAL_DIR/clickhouse-shards.sh" env | tr "\\n" " ")"
-      env $("$LOCAL_DIR/clickhouse-shards.sh" env) cargo test -p audit-store -p audit-api "$@"
+      log "the store, API and ingest tests again, through the shards of: $("$LOCAL_DIR/clickhouse-shards.sh" env | tr "\\n" " ")"
+      export $("$LOCAL_DIR/clickhouse-shards.sh" env)
+      cargo test -p audit-store -p audit-api "$@"
+      cargo test -p audit-ingest --test ingest "$@"
     ' "$LOCAL_DIR" "$@" 2>&1 | tee "$sharded_output"; (( PIPESTATUS[0] == 0 )); then
     sharded="passed ($(awk '/^test result:/ { for (i = 1; i <= NF; i++) if ($(i+1) ~ /^passed/) p += $i } END { print p }' "$sharded_output") tests)"
   else
@@ -78,5 +81,5 @@ awk '/^test result:/ { for (i = 1; i <= NF; i++) { if ($(i+1) ~ /^passed/) p += 
 echo "api fuzz (schemathesis, every check; generated client walks by cursor): $fuzz"
 echo "deploy checks (helm, kubernetes-validate, images, compose, dashboards): $deploy"
 echo "the same tests on ClickHouse $AUDIT_CHDB_FLOOR_VERSION (the oldest supported engine): $floor"
-echo "the store and API tests through a sharded ClickHouse (2 shards, Distributed tables): $sharded"
+echo "the store, API and ingest tests through a sharded ClickHouse (2 shards, Distributed tables): $sharded"
 exit "$status"

@@ -12,7 +12,7 @@ use crate::config::IngestConfig;
 use crate::dead_letter::DeadLetterProducer;
 use crate::directory::Directory;
 use crate::duplicates::{self, DuplicateWatch};
-use crate::fence::{Fences, Fencing};
+use crate::fence::Fencing;
 use crate::flush::Flusher;
 use crate::http::{self, OpsState};
 use crate::kafka::{self, IngestContext};
@@ -72,10 +72,7 @@ pub fn build_flusher(config: &IngestConfig, metrics: &IngestMetrics) -> Result<F
         )
     });
     Ok(Flusher {
-        fencing: Fencing {
-            sink: sink.clone(),
-            fences: Fences::default(),
-        },
+        fencing: Fencing::new(sink.clone(), &config.clickhouse),
         duplicates: Arc::new(DuplicateWatch::default()),
         sink,
         directory,

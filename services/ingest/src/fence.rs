@@ -23,7 +23,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use audit_store::clickhouse::{self, Row};
-use audit_store::{AuditEventRow, COPY_TABLES, EVENTS_TABLE, INTENTS_TABLE};
+use audit_store::{AuditEventRow, ClickHouseConfig, COPY_TABLES, EVENTS_TABLE, INTENTS_TABLE};
 use serde::{Deserialize, Serialize};
 use tracing::{info, warn};
 
@@ -182,9 +182,26 @@ const ORGANIZATIONS_PER_STATEMENT: usize = 100;
 pub struct Fencing {
     pub sink: ClickHouseSink,
     pub fences: Fences,
+    /// Per copy table (of [`COPY_TABLES`]), the table [`Self::fill_copies`] looks its keys up
+    /// in: on a cluster the shard's own table, named with its database (the statement's
+    /// `SELECT` runs on each shard, whose default database is not the store's), where the
+    /// event's copy rows are (`audit_store::SHARD_KEY`).
+    copy_lookups: Vec<String>,
 }
 
 impl Fencing {
+    pub fn new(sink: ClickHouseSink, store: &ClickHouseConfig) -> Self {
+        let topology = store.topology();
+        Self {
+            sink,
+            fences: Fences::default(),
+            copy_lookups: COPY_TABLES
+                .iter()
+                .map(|copy| format!("{}.{}", store.database, topology.local_table(copy.table)))
+                .collect(),
+        }
+    }
+
     /// Divides `rows` by the fences of their partitions for the claim's assignments (reading the
     /// fences not known for them yet).
     pub async fn split(
@@ -332,10 +349,10 @@ impl Fencing {
         for organizations in scope.organizations.chunks(ORGANIZATIONS_PER_STATEMENT) {
             let (sql, binds) = scope.condition(organizations);
             let (keys_sql, key_binds) = scope.key_ranges(organizations);
-            for copy in COPY_TABLES {
+            for (copy, lookup) in COPY_TABLES.iter().zip(&self.copy_lookups) {
                 let statement = format!(
                     "INSERT INTO {copy} SELECT {select} FROM {EVENTS_TABLE} WHERE {sql} \
-                     AND ({from_events}) NOT IN (SELECT {key} FROM {copy} WHERE {keys_sql})",
+                     AND ({from_events}) NOT IN (SELECT {key} FROM {lookup} WHERE {keys_sql})",
                     copy = copy.table,
                     select = copy.select,
                     from_events = copy.key_from_events,

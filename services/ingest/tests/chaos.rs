@@ -27,7 +27,7 @@ async fn replicas_under_kills_an_outage_and_scaling_store_every_event_once_and_n
     let seed = seed_from_env(1);
     let server = PrivateClickHouse::start();
     let mut env = TestEnv::new("chaos", 6).await;
-    env.clickhouse.url = server.url();
+    env.use_server(&server);
     let other_build = std::env::var_os("AUDIT_CHAOS_INGEST_BINARY").map(std::path::PathBuf::from);
     env.track_inserts(other_build.as_deref()).await;
     let plan = Plan::generate(seed, &PlanShape::compound(Duration::from_secs(60)));

@@ -448,7 +448,7 @@ async fn a_flood_of_invalid_messages_stops_the_service_with_a_clear_error() {
 async fn clickhouse_outage_holds_commits_and_everything_arrives_afterwards() {
     let server = PrivateClickHouse::start();
     let mut env = TestEnv::new("outage", 3).await;
-    env.clickhouse.url = server.url();
+    env.use_server(&server);
     let producer = producer();
     let events = generate_events("down", 500);
 
@@ -526,7 +526,7 @@ async fn probe(ingest: &IngestProcess, path: &str) -> (u16, String) {
 async fn a_replica_that_cannot_progress_fails_healthz_and_one_waiting_for_clickhouse_does_not() {
     let server = PrivateClickHouse::start();
     let mut env = TestEnv::new("liveness", 3).await;
-    env.clickhouse.url = server.url();
+    env.use_server(&server);
     let producer = producer();
     let events = generate_events("live", 300);
     let stall_after = Duration::from_secs(10);
@@ -781,13 +781,15 @@ async fn copies_of_upstream_duplicates_are_found_and_collapsed() {
     let tables: Vec<&str> = std::iter::once(audit_store::EVENTS_TABLE)
         .chain(audit_store::COPY_TABLES.iter().map(|c| c.table))
         .collect();
+    // On a cluster: the shards' own tables, on every server.
     let merges = |verb: &'static str| {
-        let client = env.client();
+        let clickhouse = env.clickhouse.clone();
         let tables = tables.clone();
         async move {
             for table in tables {
+                let table = clickhouse.topology().local_table(table);
                 let sql = format!("SYSTEM {verb} MERGES {table}");
-                client.query(&sql).execute().await.unwrap();
+                clickhouse.execute_everywhere(&sql, |c| c).await.unwrap();
             }
         }
     };
@@ -904,9 +906,10 @@ async fn a_takeover_skips_what_the_previous_owner_stored_and_fills_its_copies() 
     }
     insert.end().await.unwrap();
     for copy in audit_store::COPY_TABLES {
-        client
-            .query(&format!("TRUNCATE TABLE {}", copy.table))
-            .execute()
+        // On a cluster: the shards' own tables, on every server.
+        let table = env.clickhouse.topology().local_table(copy.table);
+        env.clickhouse
+            .execute_everywhere(&format!("TRUNCATE TABLE {table}"), |c| c)
             .await
             .unwrap();
     }

@@ -142,7 +142,12 @@ impl ClickHouseConfig {
         } else {
             // An insert into a Distributed table returns once every shard stored its rows,
             // not when they are queued on the server that received them.
-            client.with_setting("distributed_foreground_insert", "1")
+            client
+                .with_setting("distributed_foreground_insert", "1")
+                // A subquery over a sharded table inside a query over one (the ingest's copy
+                // repair: `NOT IN (SELECT ... FROM <copy>)`) reads each shard's own table: the
+                // rows it compares are of one event, all on one shard (`SHARD_KEY`).
+                .with_setting("distributed_product_mode", "local")
         }
     }
 

@@ -178,6 +178,11 @@ url = {{ .Values.clickhouse.url | quote }}
 database = {{ .Values.clickhouse.database | quote }}
 user = {{ .Values.clickhouse.user | quote }}
 compression = {{ .Values.clickhouse.compression | quote }}
+{{- with .Values.clickhouse.cluster }}
+cluster = {{ . | quote }}
+cluster_replicated = {{ $.Values.clickhouse.clusterReplicated }}
+cluster_nodes = [{{ range $i, $node := $.Values.clickhouse.clusterNodes }}{{ if $i }}, {{ end }}{{ $node | quote }}{{ end }}]
+{{- end }}
 {{- include "audit-logs.tlsToml" (dict "table" "clickhouse.tls" "dir" "clickhouse" "ca" .Values.clickhouse.tls.caSecret "client" .Values.clickhouse.tls.clientCertSecret) }}
 
 [telemetry]

@@ -20,7 +20,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
 use serde_json::Value;
 
-pub use audit_testkit::{brokers, clickhouse_url};
+pub use audit_testkit::brokers;
 
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -59,11 +59,10 @@ impl TestEnv {
             topics,
             dead_letter_topic,
             group: format!("test-{name}-{suffix}"),
-            clickhouse: ClickHouseConfig {
-                url: clickhouse_url(),
-                database: format!("audit_test_{}_{suffix}", name.replace('-', "_")),
-                ..ClickHouseConfig::default()
-            },
+            clickhouse: audit_testkit::clickhouse_config(format!(
+                "audit_test_{}_{suffix}",
+                name.replace('-', "_")
+            )),
             partitions,
         };
         let mut all = env.topics.clone();
@@ -74,6 +73,35 @@ impl TestEnv {
 
     /// Environment of an `audit-ingest` process bound to this test's resources.
     pub fn ingest_env(&self, http_port: u16) -> BTreeMap<String, String> {
+        let mut env = self.base_env(http_port);
+        if !self.clickhouse.cluster.is_empty() {
+            env.extend([
+                (
+                    "AUDIT_INGEST__CLICKHOUSE__CLUSTER".into(),
+                    self.clickhouse.cluster.clone(),
+                ),
+                (
+                    "AUDIT_INGEST__CLICKHOUSE__CLUSTER_REPLICATED".into(),
+                    self.clickhouse.cluster_replicated.to_string(),
+                ),
+                (
+                    "AUDIT_INGEST__CLICKHOUSE__CLUSTER_NODES".into(),
+                    self.clickhouse.cluster_nodes.join(","),
+                ),
+            ]);
+        }
+        env
+    }
+
+    /// Uses `server`, one ClickHouse of the test's own, instead of the shared one (and its
+    /// layout: a private server is a server alone).
+    pub fn use_server(&mut self, server: &PrivateClickHouse) {
+        self.clickhouse.url = server.url();
+        self.clickhouse.cluster = String::new();
+        self.clickhouse.cluster_nodes = Vec::new();
+    }
+
+    fn base_env(&self, http_port: u16) -> BTreeMap<String, String> {
         BTreeMap::from([
             ("AUDIT_INGEST__KAFKA__BROKERS".into(), brokers()),
             ("AUDIT_INGEST__KAFKA__GROUP_ID".into(), self.group.clone()),

@@ -249,8 +249,11 @@ pub async fn collapse_pending(
         let started = now_ms();
         let clock = std::time::Instant::now();
         for table in std::iter::once(EVENTS_TABLE).chain(COPY_TABLES.iter().map(|c| c.table)) {
+            // Named with its database: a server running an `ON CLUSTER` task resolves a bare
+            // name in its own default database.
             let sql = format!(
-                "OPTIMIZE TABLE {}{} PARTITION ID '{month}' FINAL",
+                "OPTIMIZE TABLE {}.{}{} PARTITION ID '{month}' FINAL",
+                store.database,
                 topology.local_table(table),
                 topology.on_cluster()
             );

@@ -12,7 +12,10 @@
 //! `cluster_replicated`, else the services use the ones of the server at `clickhouse.url`.
 //!
 //! Statements for every server run `ON CLUSTER` when `cluster_replicated` (ClickHouse's
-//! distributed DDL, which needs Keeper), else on each of `cluster_nodes` in turn.
+//! distributed DDL, which needs Keeper), else on each of `cluster_nodes` in turn. They name
+//! every table with its database: a server running a distributed DDL task resolves a bare name
+//! in its own default database (18.16 does; the runner does not rely on later versions'
+//! rewriting).
 
 use crate::config::ClickHouseConfig;
 use crate::copies::COPY_TABLES;
@@ -96,7 +99,7 @@ impl Topology<'_> {
             if !is_sharded(name) {
                 let engine = self.engine(engine, database, name, false)?;
                 return Ok(vec![every(format!(
-                    "CREATE TABLE IF NOT EXISTS {name}{on}{columns}ENGINE = {engine}{settings}"
+                    "CREATE TABLE IF NOT EXISTS {database}.{name}{on}{columns}ENGINE = {engine}{settings}"
                 ))]);
             }
             let local = format!("{name}{LOCAL_SUFFIX}");
@@ -107,10 +110,10 @@ impl Topology<'_> {
             };
             return Ok(vec![
                 every(format!(
-                    "CREATE TABLE IF NOT EXISTS {local}{on}{columns}ENGINE = {engine}{settings}"
+                    "CREATE TABLE IF NOT EXISTS {database}.{local}{on}{columns}ENGINE = {engine}{settings}"
                 )),
                 every(format!(
-                    "CREATE TABLE IF NOT EXISTS {name}{on} AS {local} \
+                    "CREATE TABLE IF NOT EXISTS {database}.{name}{on} AS {database}.{local} \
                      ENGINE = Distributed('{cluster}', '{database}', '{local}', {SHARD_KEY})"
                 )),
             ]);
@@ -132,10 +135,10 @@ impl Topology<'_> {
             let select = format!(
                 "{}{}",
                 select.trim_end().strip_suffix(&source).unwrap_or(select),
-                format_args!(" FROM {}", self.local_table(EVENTS_TABLE))
+                format_args!(" FROM {database}.{}", self.local_table(EVENTS_TABLE))
             );
             return Ok(vec![every(format!(
-                "CREATE MATERIALIZED VIEW IF NOT EXISTS {name}{on} TO {} AS {select}",
+                "CREATE MATERIALIZED VIEW IF NOT EXISTS {database}.{name}{on} TO {database}.{} AS {select}",
                 self.local_table(target.trim())
             ))]);
         }
@@ -302,7 +305,7 @@ mod tests {
                 .iter()
                 .find(|r| {
                     r.sql.starts_with(&format!(
-                        "CREATE TABLE IF NOT EXISTS {table}_local ON CLUSTER prod"
+                        "CREATE TABLE IF NOT EXISTS audit.{table}_local ON CLUSTER prod"
                     ))
                 })
                 .unwrap_or_else(|| panic!("no local table for {table} in\n{text}"));
@@ -320,7 +323,7 @@ mod tests {
                 local.sql
             );
             assert!(text.contains(&format!(
-                "CREATE TABLE IF NOT EXISTS {table} ON CLUSTER prod AS {table}_local \
+                "CREATE TABLE IF NOT EXISTS audit.{table} ON CLUSTER prod AS audit.{table}_local \
                  ENGINE = Distributed('prod', 'audit', '{table}_local', cityHash64(organization_id, id))"
             )));
         }
@@ -332,12 +335,13 @@ mod tests {
         assert_eq!(views.len(), COPY_TABLES.len());
         for view in views {
             assert!(
-                view.sql.contains(" ON CLUSTER prod TO audit_events_by_"),
+                view.sql
+                    .contains(" ON CLUSTER prod TO audit.audit_events_by_"),
                 "{}",
                 view.sql
             );
             assert!(
-                view.sql.ends_with(" FROM audit_events_local"),
+                view.sql.ends_with(" FROM audit.audit_events_local"),
                 "{}",
                 view.sql
             );
@@ -345,7 +349,7 @@ mod tests {
         }
         // The small tables: whole on every server, one replication group.
         assert!(
-            text.contains("CREATE TABLE IF NOT EXISTS api_keys ON CLUSTER prod"),
+            text.contains("CREATE TABLE IF NOT EXISTS audit.api_keys ON CLUSTER prod"),
             "{text}"
         );
         assert!(text.contains("ReplicatedReplacingMergeTree('/clickhouse/tables/all/audit/api_keys', '{shard}-{replica}'"), "{text}");
@@ -373,11 +377,11 @@ mod tests {
             .all(|r| !r.sql.contains("ON CLUSTER") && !r.sql.contains("Replicated")));
         assert!(rendered.iter().any(|r| r.every_server
             && r.sql
-                .starts_with("CREATE TABLE IF NOT EXISTS audit_events_local")
+                .starts_with("CREATE TABLE IF NOT EXISTS audit.audit_events_local")
             && r.sql
                 .contains("ENGINE = ReplacingMergeTree(ingested_at_ms)")));
         assert!(rendered.iter().any(|r| r.sql
-            == "CREATE TABLE IF NOT EXISTS audit_events AS audit_events_local \
+            == "CREATE TABLE IF NOT EXISTS audit.audit_events AS audit.audit_events_local \
                 ENGINE = Distributed('s', 'audit', 'audit_events_local', cityHash64(organization_id, id))"));
     }
 

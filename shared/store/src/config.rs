@@ -141,9 +141,11 @@ impl ClickHouseConfig {
             client
         } else {
             // An insert into a Distributed table returns once every shard stored its rows,
-            // not when they are queued on the server that received them.
+            // not when they are queued on the server that received them. (The setting's old
+            // name: 23.x renamed it `distributed_foreground_insert` and kept this one as its
+            // alias, so that older servers a cluster layout is tested on know it too.)
             client
-                .with_setting("distributed_foreground_insert", "1")
+                .with_setting("insert_distributed_sync", "1")
                 // A subquery over a sharded table inside a query over one (the ingest's copy
                 // repair: `NOT IN (SELECT ... FROM <copy>)`) reads each shard's own table: the
                 // rows it compares are of one event, all on one shard (`SHARD_KEY`).

@@ -175,11 +175,21 @@ async fn filter_indexes_cover_old_and_new_events_and_the_backfill_is_idempotent(
         "audit_events_by_actor_email_rows",
     ];
     for table in copies {
-        client
-            .query(&format!("TRUNCATE TABLE {table}"))
-            .execute()
+        // On a cluster: the shards' own tables, on every server.
+        let topology = config.topology();
+        let truncate = format!(
+            "TRUNCATE TABLE {}.{}{}",
+            config.database,
+            topology.local_table(table),
+            topology.on_cluster()
+        );
+        config.execute_everywhere(&truncate, |c| c).await.unwrap();
+        let left: u64 = client
+            .query(&format!("SELECT count() FROM {table}"))
+            .fetch_one()
             .await
             .unwrap();
+        assert_eq!(left, 0, "{table} was not emptied");
     }
     let backfill: Vec<String> = MIGRATIONS[3..5]
         .iter()
@@ -268,29 +278,55 @@ async fn events_are_stored_on_every_shard_and_read_back_whole() {
         .await
         .unwrap();
     assert_eq!(whole, 200);
+    // Per shard (a server's `shard` macro; a server without one is a shard of its own), the
+    // rows each of its servers holds in its own tables; replicas catch up asynchronously.
     let topology = config.topology();
-    let servers = config.every_server();
+    let count = |server: &ClickHouseConfig, table: &str| {
+        let sql = format!("SELECT count() FROM {}", topology.local_table(table));
+        let client = server.client();
+        async move { client.query(&sql).fetch_one::<u64>().await.unwrap() }
+    };
+    let mut shards: std::collections::BTreeMap<String, Vec<ClickHouseConfig>> = Default::default();
+    for server in audit_testkit::servers(&config) {
+        let shard: Vec<String> = server
+            .client()
+            .query("SELECT substitution FROM system.macros WHERE macro = 'shard'")
+            .fetch_all()
+            .await
+            .unwrap();
+        let shard = shard
+            .into_iter()
+            .next()
+            .unwrap_or_else(|| server.url.clone());
+        shards.entry(shard).or_default().push(server);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
     let mut stored = Vec::new();
-    for server in &servers {
-        let count = |table: &str| {
-            let sql = format!("SELECT count() FROM {}", topology.local_table(table));
-            let client = server.client();
-            async move { client.query(&sql).fetch_one::<u64>().await.unwrap() }
-        };
-        let events = count(EVENTS_TABLE).await;
-        // The view of each server copies its own events, no more, no fewer.
-        assert_eq!(
-            count("audit_events_by_type").await,
-            events,
-            "{}",
-            server.url
+    for (shard, servers) in &shards {
+        // Per server: its events, and its copy of them (the view of each server copies its
+        // own events; a replica fetches both tables' rows), equal once caught up.
+        let mut counts = Vec::new();
+        loop {
+            counts.clear();
+            for server in servers {
+                counts.push(count(server, EVENTS_TABLE).await);
+                counts.push(count(server, "audit_events_by_type").await);
+            }
+            if counts.windows(2).all(|w| w[0] == w[1]) || std::time::Instant::now() > deadline {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        }
+        assert!(
+            counts.windows(2).all(|w| w[0] == w[1]),
+            "shard {shard}: (events, copy) per server disagree: {counts:?}"
         );
-        stored.push(events);
+        stored.push(counts[0]);
     }
     assert_eq!(stored.iter().sum::<u64>(), 200, "{stored:?}");
     assert!(
         stored.iter().all(|&n| n > 0),
-        "a server got nothing: {stored:?}"
+        "a shard got nothing: {stored:?}"
     );
     drop_database(&config).await;
 }

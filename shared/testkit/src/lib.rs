@@ -88,6 +88,25 @@ pub fn clickhouse_config(database: String) -> ClickHouseConfig {
     }
 }
 
+/// Every server of the cluster the tests run on, as settings bound to `config`'s database: the
+/// one server, the shards of `AUDIT_TEST_CLICKHOUSE_CLUSTER_NODES`, or for a replicated cluster
+/// each of `AUDIT_TEST_CLICKHOUSE_REPLICATED_SERVERS` (`deploy/local/clickhouse-replicated.sh`).
+pub fn servers(config: &ClickHouseConfig) -> Vec<ClickHouseConfig> {
+    match config.topology() {
+        audit_store::Topology::Replicated { .. } => {
+            std::env::var("AUDIT_TEST_CLICKHOUSE_REPLICATED_SERVERS")
+                .expect("a replicated test cluster lists its servers in AUDIT_TEST_CLICKHOUSE_REPLICATED_SERVERS")
+                .split(',')
+                .map(|url| ClickHouseConfig {
+                    url: url.to_owned(),
+                    ..config.clone()
+                })
+                .collect()
+        }
+        _ => config.every_server(),
+    }
+}
+
 /// Drops `database` on every server of `config` (whatever `config.database` names).
 pub async fn drop_database(
     config: &ClickHouseConfig,

@@ -239,7 +239,6 @@ pub async fn collapse_pending(
 ) -> Result<(), clickhouse::error::Error> {
     let client = store.client();
     let months: BTreeSet<String> = pending_duplicate_months(&client).await?;
-    let topology = store.topology();
     for month in months {
         // Only months as ClickHouse names them (`toYYYYMM`): the id is spliced into OPTIMIZE,
         // which takes no bound values.
@@ -249,13 +248,9 @@ pub async fn collapse_pending(
         let started = now_ms();
         let clock = std::time::Instant::now();
         for table in std::iter::once(EVENTS_TABLE).chain(COPY_TABLES.iter().map(|c| c.table)) {
-            // Named with its database: a server running an `ON CLUSTER` task resolves a bare
-            // name in its own default database.
             let sql = format!(
-                "OPTIMIZE TABLE {}.{}{} PARTITION ID '{month}' FINAL",
-                store.database,
-                topology.local_table(table),
-                topology.on_cluster()
+                "OPTIMIZE TABLE {} PARTITION ID '{month}' FINAL",
+                store.each_shard_table(table)
             );
             // An OPTIMIZE that finds the month's parts merging already (another replica
             // collapsing it, or a background merge) would do nothing and succeed: then the

@@ -907,7 +907,7 @@ async fn a_takeover_skips_what_the_previous_owner_stored_and_fills_its_copies() 
     insert.end().await.unwrap();
     for copy in audit_store::COPY_TABLES {
         // On a cluster: the shards' own tables, on every server.
-        let table = env.clickhouse.topology().local_table(copy.table);
+        let table = env.clickhouse.each_shard_table(copy.table);
         env.clickhouse
             .execute_everywhere(&format!("TRUNCATE TABLE {table}"), |c| c)
             .await

@@ -258,6 +258,20 @@ impl ClickHouseConfig {
         }
     }
 
+    /// `table` as a statement on each shard's own rows names it (`OPTIMIZE TABLE {}`,
+    /// `TRUNCATE TABLE {}`): the shard's table, with its database (a server running an `ON
+    /// CLUSTER` task resolves a bare name in its own default database), and `ON CLUSTER` where
+    /// replicated. Run the statement with [`Self::execute_everywhere`].
+    pub fn each_shard_table(&self, table: &str) -> String {
+        let topology = self.topology();
+        format!(
+            "{}.{}{}",
+            self.database,
+            topology.local_table(table),
+            topology.on_cluster()
+        )
+    }
+
     /// Runs `sql` (built for this topology, `ON CLUSTER` included) on every server it must reach;
     /// `tune` sets what the statement needs on each client.
     pub async fn execute_everywhere(
@@ -408,6 +422,26 @@ mod tests {
                 "audit"
             )
             .is_err());
+    }
+
+    #[test]
+    fn a_statement_on_each_shard_names_its_own_table_and_the_cluster_where_replicated() {
+        let mut config = ClickHouseConfig::default();
+        assert_eq!(
+            config.each_shard_table("audit_events"),
+            "audit.audit_events"
+        );
+        config.cluster = "c".to_owned();
+        assert_eq!(
+            config.each_shard_table("audit_events"),
+            "audit.audit_events_local ON CLUSTER c"
+        );
+        config.cluster_replicated = false;
+        config.cluster_nodes = vec!["http://a:8123".to_owned()];
+        assert_eq!(
+            config.each_shard_table("audit_events"),
+            "audit.audit_events_local"
+        );
     }
 
     #[test]

@@ -176,13 +176,7 @@ async fn filter_indexes_cover_old_and_new_events_and_the_backfill_is_idempotent(
     ];
     for table in copies {
         // On a cluster: the shards' own tables, on every server.
-        let topology = config.topology();
-        let truncate = format!(
-            "TRUNCATE TABLE {}.{}{}",
-            config.database,
-            topology.local_table(table),
-            topology.on_cluster()
-        );
+        let truncate = format!("TRUNCATE TABLE {}", config.each_shard_table(table));
         config.execute_everywhere(&truncate, |c| c).await.unwrap();
         let left: u64 = client
             .query(&format!("SELECT count() FROM {table}"))

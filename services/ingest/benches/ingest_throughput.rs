@@ -285,7 +285,8 @@ async fn kcat_pipe(topics: &Topics, database: &str, group: &str) -> Option<Throu
     // so they become visible at once and the line is timed from its start (see wait_rows).
     let target = format!(
         "/?database={database}&max_insert_block_size=50000&input_format_import_nested_json=1\
-         &input_format_skip_unknown_fields=1&query={}",
+         &input_format_skip_unknown_fields=1{}&query={}",
+        uncollapsed(&client).await,
         url_encode(select)
     );
     let topics = topics.all().join(" ");
@@ -317,6 +318,20 @@ async fn kcat_pipe(topics: &Topics, database: &str, group: &str) -> Option<Throu
     result
 }
 
+/// The URL setting audit-ingest sends with its events' inserts (`optimize_on_insert = 0`, see
+/// `ClickHouseSink::uncollapsed_inserts`), for the reference lines: empty where the server does
+/// not know it (18.16).
+async fn uncollapsed(client: &clickhouse::Client) -> &'static str {
+    if audit_store::has_setting(client, "optimize_on_insert")
+        .await
+        .expect("settings look-up")
+    {
+        "&optimize_on_insert=0"
+    } else {
+        ""
+    }
+}
+
 /// Percent-encodes a query for a URL.
 fn url_encode(text: &str) -> String {
     text.bytes()
@@ -344,6 +359,8 @@ async fn raw_insert(source_database: &str, database: &str) -> Throughput {
         .status()
         .unwrap();
     assert!(export.success(), "export failed");
+    // The same setting as audit-ingest's inserts, where the server has it.
+    let settings = uncollapsed(&config.client()).await;
     let started = Instant::now();
     let insert = Command::new("curl")
         .args(["-sS", "--fail", "-X", "POST", "-T"])
@@ -351,7 +368,7 @@ async fn raw_insert(source_database: &str, database: &str) -> Throughput {
         // -T appends the file's name to a URL path without one; the request target says "/".
         .arg("--request-target")
         .arg(format!(
-            "/?database={database}&query=INSERT%20INTO%20audit_events%20FORMAT%20RowBinary"
+            "/?database={database}{settings}&query=INSERT%20INTO%20audit_events%20FORMAT%20RowBinary"
         ))
         .arg(format!("{}/", clickhouse_url()))
         .status()
@@ -624,7 +641,9 @@ async fn throughput_lines() {
          Kafka engine + materialized view, which the engine built as a library cannot run (no \
          background consumers; creating the table fails): kcat streams the topics into one HTTP \
          INSERT ... SELECT ... FROM input() FORMAT JSONEachRow with the Kafka-engine line's mapping \
-         of the flat fields, so it does less work (no validation, changes, metadata or exactly-once)."
+         of the flat fields, so it does less work (no validation, changes, metadata or exactly-once). \
+         Where the server knows it, all three lines insert with optimize_on_insert=0 (audit-ingest's \
+         setting: copies within one insert are left to its duplicate check)."
     );
     println!(
         "{rounds} rounds, each running the three lines in turn on the same topics (a new consumer \

@@ -51,12 +51,14 @@ pub async fn prepare_schema(config: &IngestConfig) -> Result<(), AppError> {
 }
 
 /// Everything a flush writes to: ClickHouse, the directory projection, the dead-letter topic.
-pub fn build_flusher(config: &IngestConfig, metrics: &IngestMetrics) -> Result<Flusher, AppError> {
-    let sink = ClickHouseSink::new(
-        config.clickhouse.client(),
-        config.retry.clone(),
-        metrics.clone(),
-    );
+pub async fn build_flusher(
+    config: &IngestConfig,
+    metrics: &IngestMetrics,
+) -> Result<Flusher, AppError> {
+    let client = config.clickhouse.client();
+    let uncollapsed = audit_store::has_setting(&client, "optimize_on_insert").await?;
+    let sink = ClickHouseSink::new(client, config.retry.clone(), metrics.clone())
+        .uncollapsed_inserts(uncollapsed);
     let dead_letters = DeadLetterProducer::new(
         kafka::producer(&config.kafka)?,
         config.dead_letter.topic.clone(),
@@ -101,7 +103,7 @@ impl Application {
             IngestContext::new(metrics.clone()),
         )?);
         kafka::probe(&config.kafka).await?;
-        let flusher = Arc::new(build_flusher(&config, &metrics)?);
+        let flusher = Arc::new(build_flusher(&config, &metrics).await?);
         let duplicates = Arc::clone(&flusher.duplicates);
         let liveness = Arc::new(LivenessState::default());
         let pipeline = Pipeline {

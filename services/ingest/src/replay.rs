@@ -74,7 +74,7 @@ pub async fn replay(
     prepare_schema(config).await?;
     kafka::probe(&config.kafka).await.map_err(AppError::from)?;
     let metrics = IngestMetrics::new();
-    let flusher = build_flusher(config, &metrics)?;
+    let flusher = build_flusher(config, &metrics).await?;
     // A throwaway group: replay assigns partitions itself and never commits.
     let group = format!("{}-replay-{}", config.kafka.group_id, std::process::id());
     let consumer = kafka::consumer(

@@ -66,6 +66,8 @@ pub struct ClickHouseSink {
     client: clickhouse::Client,
     retry: RetryConfig,
     metrics: IngestMetrics,
+    /// Sends `optimize_on_insert = 0` with the events' inserts (see [`Self::uncollapsed_inserts`]).
+    uncollapsed: bool,
 }
 
 impl ClickHouseSink {
@@ -74,7 +76,18 @@ impl ClickHouseSink {
             client,
             retry,
             metrics,
+            uncollapsed: false,
         }
+    }
+
+    /// Inserts the events without collapsing each insert's copies as ClickHouse writes them
+    /// (`optimize_on_insert = 0`; the default `1`, from 21.x on, made a 50,000-row insert take
+    /// about 390 ms instead of 230 ms on 26.9). Copies within one insert are then stored like
+    /// copies across inserts: the duplicate check finds and collapses both, and every read
+    /// already shows one of each. Only for servers that know the setting (18.16 does not).
+    pub fn uncollapsed_inserts(mut self, on: bool) -> Self {
+        self.uncollapsed = on;
+        self
     }
 
     pub fn client(&self) -> &clickhouse::Client {
@@ -93,6 +106,9 @@ impl ClickHouseSink {
                 .insert::<T>(table)
                 .await?
                 .with_timeouts(Some(Duration::from_secs(30)), Some(Duration::from_secs(60)));
+            if self.uncollapsed && table == audit_store::EVENTS_TABLE {
+                insert = insert.with_setting("optimize_on_insert", "0");
+            }
             for row in rows {
                 insert.write(row).await?;
             }

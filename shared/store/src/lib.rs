@@ -8,6 +8,7 @@ mod error;
 pub mod migrations;
 mod ping;
 mod rows;
+mod settings;
 
 pub use cluster::{is_sharded, Rendered, Topology, LOCAL_SUFFIX, SHARD_KEY};
 pub use config::{ClickHouseConfig, Compression};
@@ -21,6 +22,7 @@ pub use rows::{
     AuditEventRow, DirectoryTeamRow, DirectoryUserRow, Lineage, DIRECTORY_TEAMS_TABLE,
     DIRECTORY_USERS_TABLE, EVENTS_TABLE,
 };
+pub use settings::has_setting;
 
 /// Re-exported so callers name one version of the client crate.
 pub use clickhouse;

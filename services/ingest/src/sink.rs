@@ -27,35 +27,12 @@ impl InsertError {
     }
 }
 
-/// ClickHouse error codes that mean "this data is wrong", from ClickHouse's ErrorCodes.
-const DATA_ERROR_CODES: &[u32] = &[
-    6,   // CANNOT_PARSE_TEXT
-    26,  // CANNOT_PARSE_QUOTED_STRING
-    27,  // CANNOT_PARSE_INPUT_ASSERTION_FAILED
-    33,  // CANNOT_READ_ALL_DATA
-    38,  // CANNOT_PARSE_DATE
-    41,  // CANNOT_PARSE_DATETIME
-    53,  // TYPE_MISMATCH
-    69,  // ARGUMENT_OUT_OF_BOUND
-    70,  // CANNOT_CONVERT_TYPE
-    72,  // CANNOT_PARSE_NUMBER
-    117, // INCORRECT_DATA
-    131, // TOO_LARGE_STRING_SIZE
-];
-
-/// Classifies an error of the `clickhouse` crate.
+/// What a failed ClickHouse request means for the ingest (see [`audit_store::classify`]): a
+/// rejection of the data goes to the dead-letter topic, everything else is retried.
 pub fn classify(error: &clickhouse::error::Error) -> InsertError {
     let text = error.to_string();
-    match error {
-        clickhouse::error::Error::BadResponse(message) => {
-            match audit_store::exception_code(message) {
-                Some(code) if DATA_ERROR_CODES.contains(&code) => InsertError::Rejected(text),
-                _ => InsertError::Transient(text),
-            }
-        }
-        clickhouse::error::Error::SequenceMustHaveLength
-        | clickhouse::error::Error::Custom(_)
-        | clickhouse::error::Error::InvalidUtf8Encoding(_) => InsertError::Rejected(text),
+    match audit_store::classify(error) {
+        audit_store::Failure::Rejected => InsertError::Rejected(text),
         _ => InsertError::Transient(text),
     }
 }

@@ -16,7 +16,7 @@ pub use copies::{
     pending_duplicate_months, CopyTable, COPY_TABLES, DUPLICATES_TABLE, INTENTS_TABLE,
     PENDING_MONTHS_SQL,
 };
-pub use error::{exception_code, StoreError};
+pub use error::{classify, exception_code, Failure, StoreError};
 pub use ping::{ping, PingError};
 pub use rows::{
     AuditEventRow, DirectoryTeamRow, DirectoryUserRow, Lineage, DIRECTORY_TEAMS_TABLE,

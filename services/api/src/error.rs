@@ -138,21 +138,43 @@ impl IntoResponse for ApiError {
     }
 }
 
-/// What a failed ClickHouse request means for the caller.
-pub fn from_clickhouse(err: &audit_store::clickhouse::error::Error) -> ApiError {
-    use audit_store::clickhouse::error::Error;
-    match err {
-        Error::Network(_) | Error::TimedOut => ApiError::StoreUnavailable,
-        Error::BadResponse(message) => match audit_store::exception_code(message) {
-            // TIMEOUT_EXCEEDED, TOO_SLOW (estimated time over the limit).
-            Some(159 | 160) => ApiError::QueryTimeout,
-            // TOO_MANY_SIMULTANEOUS_QUERIES, MEMORY_LIMIT_EXCEEDED, and answers without a code
-            // (an HTTP gateway's page): the store is there but cannot answer now.
-            Some(202 | 241) | None => ApiError::StoreUnavailable,
-            Some(_) => ApiError::Internal(message.clone()),
-        },
-        other => ApiError::Internal(other.to_string()),
+impl From<crate::store::ReadError> for ApiError {
+    fn from(err: crate::store::ReadError) -> Self {
+        use crate::store::ReadError;
+        match err {
+            ReadError::Unavailable(detail) => {
+                debug!(detail = %detail, "clickhouse unavailable");
+                ApiError::StoreUnavailable
+            }
+            ReadError::Timeout => ApiError::QueryTimeout,
+            ReadError::Failed(detail) => ApiError::Internal(detail),
+        }
     }
+}
+
+impl From<crate::keys::AuthError> for ApiError {
+    fn from(err: crate::keys::AuthError) -> Self {
+        use crate::keys::AuthError;
+        match err {
+            AuthError::NotReady => ApiError::NotReady,
+            AuthError::InvalidKey => ApiError::InvalidKey,
+            AuthError::UnknownRole => ApiError::Forbidden,
+        }
+    }
+}
+
+impl From<crate::stream::StreamError> for ApiError {
+    fn from(err: crate::stream::StreamError) -> Self {
+        match err {
+            crate::stream::StreamError::Store(err) => err.into(),
+            other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+/// What a failed ClickHouse request means for the caller (see [`audit_store::classify`]).
+pub fn from_clickhouse(err: &audit_store::clickhouse::error::Error) -> ApiError {
+    crate::store::ReadError::from(err).into()
 }
 
 #[cfg(test)]

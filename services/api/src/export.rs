@@ -8,11 +8,11 @@ use bytes::Bytes;
 use futures_util::{stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 
-use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
 use crate::query::SortOrder;
-use crate::store::{EventCursor, ExportSource, HOUR_MS};
-use crate::stream::{failed_mid_stream, BodyFormat, Encoder, RowError, SortedRows, CHUNK_BYTES};
+use crate::store::{EventCursor, ExportSource};
+use crate::stream::{failed_mid_stream, BodyFormat, Encoder, SortedRows, StreamError, CHUNK_BYTES};
+use crate::time::HOUR_MS;
 
 /// Threads reading an export's windows side by side: window k is read by reader k % READERS,
 /// so one reader fetches and encodes the next window while the response sends the other's.
@@ -24,7 +24,7 @@ enum Piece {
     Rows(Bytes, u64),
     /// The reader's current window is complete.
     WindowEnd,
-    Failed(ExportError),
+    Failed(StreamError),
 }
 
 /// An export's body. Its rows are counted per hour first, then read in windows (see [`plan`]) by
@@ -40,7 +40,7 @@ pub async fn start(
     format: BodyFormat,
     metrics: ApiMetrics,
     permit: OwnedSemaphorePermit,
-) -> Result<Body, ApiError> {
+) -> Result<Body, StreamError> {
     let hours = source.hours().await?;
     let windows = plan(&hours, source.sort, source.window_rows);
     let mut readers = Vec::new();
@@ -56,7 +56,7 @@ pub async fn start(
         std::thread::Builder::new()
             .name("audit-api-export".to_owned())
             .spawn(move || read_windows(&source, &mine, format, &tx))
-            .map_err(|err| ApiError::Internal(format!("cannot start an export thread: {err}")))?;
+            .map_err(StreamError::Spawn)?;
         readers.push(rx);
     }
     let mut pieces = Pieces {
@@ -65,12 +65,9 @@ pub async fn start(
         windows: windows.len(),
         _permit: permit,
     };
-    let first = pieces.next().await.transpose().map_err(ApiError::from)?;
+    let first = pieces.next().await.transpose()?;
     let mut header = Encoder::new(format);
-    let header = header
-        .header()
-        .and_then(|()| header.take())
-        .map_err(|err| ApiError::Internal(format!("cannot encode the header: {err}")))?;
+    let header = header.header().and_then(|()| header.take())?;
     let (first, rows) = match first {
         Some((bytes, rows)) => ([header, bytes].concat().into(), rows),
         None => (header, 0),
@@ -108,7 +105,7 @@ struct Pieces {
 impl Pieces {
     /// The next encoded rows (bytes, rows) in window order; None at the end. After a failure,
     /// nothing more.
-    async fn next(&mut self) -> Option<Result<(Bytes, u64), ExportError>> {
+    async fn next(&mut self) -> Option<Result<(Bytes, u64), StreamError>> {
         while self.window < self.windows {
             let piece = self.readers[self.window % READERS].recv().await;
             match piece {
@@ -120,7 +117,7 @@ impl Pieces {
                 }
                 None => {
                     self.window = self.windows;
-                    return Some(Err(ExportError::ReaderEnded));
+                    return Some(Err(StreamError::ReaderEnded));
                 }
             }
         }
@@ -141,7 +138,7 @@ fn read_windows(
     let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(err) => {
-            let _ = tx.blocking_send(Piece::Failed(ExportError::Encode(err)));
+            let _ = tx.blocking_send(Piece::Failed(StreamError::Encode(err)));
             return;
         }
     };
@@ -151,7 +148,7 @@ fn read_windows(
         for window in windows {
             let piece = match reader.read(&source, window, tx).await {
                 Ok(()) => Piece::WindowEnd,
-                Err(ExportError::Gone) => return,
+                Err(StreamError::Gone) => return,
                 Err(err) => Piece::Failed(err),
             };
             let failed = matches!(piece, Piece::Failed(_));
@@ -160,39 +157,6 @@ fn read_windows(
             }
         }
     });
-}
-
-#[derive(Debug, thiserror::Error)]
-enum ExportError {
-    #[error("the client went away")]
-    Gone,
-    #[error("{0}")]
-    Store(#[from] audit_store::clickhouse::error::Error),
-    #[error("{0}")]
-    Api(#[from] ApiError),
-    #[error("cannot encode a row: {0}")]
-    Encode(#[from] std::io::Error),
-    #[error("an export reader ended early")]
-    ReaderEnded,
-}
-
-impl From<RowError> for ExportError {
-    fn from(err: RowError) -> Self {
-        match err {
-            RowError::Store(err) => ExportError::Store(err),
-            RowError::Encode(err) => ExportError::Encode(err),
-        }
-    }
-}
-
-impl From<ExportError> for ApiError {
-    fn from(err: ExportError) -> Self {
-        match err {
-            ExportError::Store(err) => from_clickhouse(&err),
-            ExportError::Api(err) => err,
-            other => ApiError::Internal(other.to_string()),
-        }
-    }
 }
 
 /// One reader's buffers, kept from window to window.
@@ -219,14 +183,14 @@ impl WindowReader {
         source: &ExportSource,
         window: &Window,
         tx: &tokio::sync::mpsc::Sender<Piece>,
-    ) -> Result<(), ExportError> {
+    ) -> Result<(), StreamError> {
         let send = |bytes: Bytes, rows: u64| async move {
             if bytes.is_empty() {
                 return Ok(());
             }
             tx.send(Piece::Rows(bytes, rows))
                 .await
-                .map_err(|_| ExportError::Gone)
+                .map_err(|_| StreamError::Gone)
         };
         if !window.sorted {
             let cursor = source.rows(window.from_ms, window.to_ms, false)?;
@@ -287,7 +251,7 @@ impl WindowRows {
         &mut self,
         mut cursor: EventCursor,
         encoder: &mut Encoder,
-    ) -> Result<bool, ExportError> {
+    ) -> Result<bool, StreamError> {
         self.keys.clear();
         self.ids.clear();
         let mut start = 0;

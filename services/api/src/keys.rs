@@ -20,8 +20,6 @@ use subtle::ConstantTimeEq;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::error::ApiError;
-
 pub const KEYS_TABLE: &str = "api_keys";
 pub const USAGE_TABLE: &str = "api_key_usage";
 const PREFIX: &str = "alk_";
@@ -217,6 +215,17 @@ pub async fn revoke(client: &clickhouse::Client, key_id: &str) -> Result<ApiKeyR
 /// Key id -> current row; swapped whole on each refresh.
 type KeySnapshot = Arc<HashMap<String, ApiKeyRow>>;
 
+/// Why a presented key was not accepted (the HTTP layer answers 401, 403 or 503).
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("the key snapshot has not been loaded yet")]
+    NotReady,
+    #[error("unknown, malformed or revoked key")]
+    InvalidKey,
+    #[error("the key's role is not one this build knows")]
+    UnknownRole,
+}
+
 /// Every replica's view of the key table, refreshed in the background.
 #[derive(Clone)]
 pub struct KeyStore {
@@ -319,26 +328,26 @@ impl KeyStore {
         }
     }
 
-    /// Checks a presented key. Unknown, malformed and revoked keys are one answer (401), so a
-    /// caller learns nothing about which keys exist.
-    pub fn authenticate(&self, presented: &str) -> Result<Caller, ApiError> {
+    /// Checks a presented key. Unknown, malformed and revoked keys are one answer
+    /// ([`AuthError::InvalidKey`]), so a caller learns nothing about which keys exist.
+    pub fn authenticate(&self, presented: &str) -> Result<Caller, AuthError> {
         let snapshot = self
             .snapshot
             .read()
             .ok()
             .and_then(|s| s.clone())
-            .ok_or(ApiError::NotReady)?;
-        let key_id = key_id_of(presented).ok_or(ApiError::InvalidKey)?;
-        let row = snapshot.get(key_id).ok_or(ApiError::InvalidKey)?;
+            .ok_or(AuthError::NotReady)?;
+        let key_id = key_id_of(presented).ok_or(AuthError::InvalidKey)?;
+        let row = snapshot.get(key_id).ok_or(AuthError::InvalidKey)?;
         let presented_hash = hash(presented);
         let matches: bool = presented_hash
             .as_bytes()
             .ct_eq(row.secret_sha256.as_bytes())
             .into();
         if !matches || row.revoked_at_ms.is_some() {
-            return Err(ApiError::InvalidKey);
+            return Err(AuthError::InvalidKey);
         }
-        let role = Role::parse(&row.role).ok_or(ApiError::Forbidden)?;
+        let role = Role::parse(&row.role).ok_or(AuthError::UnknownRole)?;
         if let Ok(mut used) = self.used.lock() {
             used.insert(row.key_id.clone(), now_ms());
         }
@@ -367,8 +376,22 @@ mod tests {
         let key = generate("org_a", Role::Admin, "ci");
         let text = key.secret.expose_secret().to_owned();
         assert!(text.starts_with("alk_"));
-        assert!(!key.row.secret_sha256.contains(&text[20..]));
-        assert_eq!(key.row.secret_sha256, hash(&text));
+        // What is stored is the SHA-256 of the whole key, computed here independently, and
+        // nothing else of the row holds the secret.
+        let expected: String = Sha256::digest(text.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(key.row.secret_sha256, expected);
+        let (_, secret) = text[PREFIX.len()..].split_once('_').unwrap();
+        for column in [
+            &key.row.key_id,
+            &key.row.name,
+            &key.row.role,
+            &key.row.secret_sha256,
+        ] {
+            assert!(!column.contains(secret), "{column}");
+        }
         let caller = store_with(&[&key]).authenticate(&text).unwrap();
         assert_eq!(caller.organization_id, "org_a");
         assert_eq!(caller.role, Role::Admin);
@@ -403,7 +426,7 @@ mod tests {
             revoked.secret.expose_secret(),
         ] {
             assert!(
-                matches!(store.authenticate(bad), Err(ApiError::InvalidKey)),
+                matches!(store.authenticate(bad), Err(AuthError::InvalidKey)),
                 "{bad}"
             );
         }
@@ -414,7 +437,7 @@ mod tests {
         let key = generate("org_a", Role::Admin, "ci");
         assert!(matches!(
             KeyStore::new().authenticate(key.secret.expose_secret()),
-            Err(ApiError::NotReady)
+            Err(AuthError::NotReady)
         ));
     }
 

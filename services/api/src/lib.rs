@@ -17,6 +17,7 @@ pub mod render;
 pub mod routes;
 pub mod store;
 pub mod stream;
+pub mod time;
 
 pub use app::{AppState, Application};
 pub use config::ApiConfig;

@@ -122,7 +122,7 @@ impl Filters {
         self.actor_id.is_some()
             || self.actor_email.is_some()
             || self.resource_id.is_some()
-            || self.spans_at_most(crate::store::DAY_MS)
+            || self.spans_at_most(crate::time::DAY_MS)
     }
 
     /// True when `from` and `to` are both given and at most `ms` apart.

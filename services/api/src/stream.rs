@@ -10,10 +10,9 @@ use bytes::Bytes;
 use futures_util::{stream, Stream};
 use tracing::error;
 
-use crate::error::{from_clickhouse, ApiError};
 use crate::metrics::ApiMetrics;
 use crate::render::{write_csv_row, EventItem, CSV_HEADER};
-use crate::store::{EventCursor, EventRecord};
+use crate::store::{EventCursor, EventRecord, ReadError};
 
 pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
 
@@ -160,7 +159,7 @@ pub async fn start(
     cursor: Option<EventCursor>,
     format: BodyFormat,
     metrics: ApiMetrics,
-) -> Result<Body, ApiError> {
+) -> Result<Body, StreamError> {
     Ok(Body::from_stream(
         open_chunks(cursor, format, metrics).await?,
     ))
@@ -172,9 +171,9 @@ async fn open_chunks(
     cursor: Option<EventCursor>,
     format: BodyFormat,
     metrics: ApiMetrics,
-) -> Result<impl Stream<Item = std::io::Result<Bytes>>, ApiError> {
+) -> Result<impl Stream<Item = std::io::Result<Bytes>>, StreamError> {
     let mut rows = SortedRows::new(cursor, format);
-    rows.encoder.header().map_err(RowError::Encode)?;
+    rows.encoder.header().map_err(StreamError::Encode)?;
     rows.next_row().await?;
     Ok(chunks(rows, metrics))
 }
@@ -200,17 +199,25 @@ impl Twins {
     }
 }
 
-pub(crate) enum RowError {
-    Store(audit_store::clickhouse::error::Error),
-    Encode(std::io::Error),
+/// Why a streamed body (a CSV page or an export) failed, in the streaming layer's terms; the
+/// HTTP layer maps it to an answer (`impl From<StreamError> for ApiError`).
+#[derive(Debug, thiserror::Error)]
+pub enum StreamError {
+    #[error("{0}")]
+    Store(#[from] ReadError),
+    #[error("cannot encode a row: {0}")]
+    Encode(#[from] std::io::Error),
+    #[error("cannot start an export thread: {0}")]
+    Spawn(std::io::Error),
+    #[error("the client went away")]
+    Gone,
+    #[error("an export reader ended early")]
+    ReaderEnded,
 }
 
-impl From<RowError> for ApiError {
-    fn from(err: RowError) -> Self {
-        match err {
-            RowError::Store(err) => from_clickhouse(&err),
-            RowError::Encode(err) => ApiError::Internal(format!("cannot encode a row: {err}")),
-        }
+impl From<audit_store::clickhouse::error::Error> for StreamError {
+    fn from(err: audit_store::clickhouse::error::Error) -> Self {
+        StreamError::Store(ReadError::from(err))
     }
 }
 
@@ -241,26 +248,26 @@ impl SortedRows {
     }
 
     /// Reads the next row and encodes it unless it is a twin of the last; `done` at the end.
-    async fn next_row(&mut self) -> Result<(), RowError> {
+    async fn next_row(&mut self) -> Result<(), StreamError> {
         let Some(cursor) = self.cursor.as_mut() else {
             self.done = true;
             return Ok(());
         };
-        let Some(record) = cursor.next().await.map_err(RowError::Store)? else {
+        let Some(record) = cursor.next().await.map_err(StreamError::from)? else {
             self.done = true;
             return Ok(());
         };
         if self.last.repeats(record.occurred_at_ms, record.id) {
             return Ok(());
         }
-        self.encoder.row(&record).map_err(RowError::Encode)?;
+        self.encoder.row(&record).map_err(StreamError::Encode)?;
         self.rows += 1;
         Ok(())
     }
 
     /// The next chunk of about [`CHUNK_BYTES`] and the rows in it (the last may be empty);
     /// None once the last was taken or a read failed.
-    pub(crate) async fn chunk(&mut self) -> Option<Result<(Bytes, u64), RowError>> {
+    pub(crate) async fn chunk(&mut self) -> Option<Result<(Bytes, u64), StreamError>> {
         if self.finished {
             return None;
         }
@@ -269,7 +276,7 @@ impl SortedRows {
             filled = self.next_row().await;
         }
         self.finished = self.done || filled.is_err();
-        let chunk = filled.and_then(|()| self.encoder.take().map_err(RowError::Encode));
+        let chunk = filled.and_then(|()| self.encoder.take().map_err(StreamError::Encode));
         Some(chunk.map(|bytes| (bytes, std::mem::take(&mut self.rows))))
     }
 }
@@ -292,8 +299,8 @@ fn chunks(rows: SortedRows, metrics: ApiMetrics) -> impl Stream<Item = std::io::
                     metrics.observe_streamed(label, n, bytes.len());
                     Ok(bytes)
                 }
-                Err(RowError::Store(err)) => Err(failed_mid_stream(&err)),
-                Err(RowError::Encode(err)) => Err(err),
+                Err(StreamError::Encode(err)) => Err(err),
+                Err(err) => Err(failed_mid_stream(&err)),
             };
             Some((chunk, rows))
         }

@@ -81,11 +81,7 @@ pub struct Application {
 impl Application {
     /// Applies (or checks) migrations, binds the listener and loads the keys once.
     pub async fn build(config: ApiConfig) -> Result<Self, AppError> {
-        if config.migrate_on_start {
-            migrations::apply(&config.clickhouse).await?;
-        } else {
-            migrations::ensure_current(&config.clickhouse).await?;
-        }
+        migrations::prepare(&config.clickhouse, config.migrate_on_start).await?;
         let state = AppState::new(&config)?;
         if config.read_events.enabled {
             let settings = config.read_events.clone();

@@ -42,12 +42,7 @@ pub enum AppError {
 
 /// Applies pending migrations, or checks there are none when `migrate_on_start` is off.
 pub async fn prepare_schema(config: &IngestConfig) -> Result<(), AppError> {
-    if config.migrate_on_start {
-        migrations::apply(&config.clickhouse).await?;
-    } else {
-        migrations::ensure_current(&config.clickhouse).await?;
-    }
-    Ok(())
+    Ok(migrations::prepare(&config.clickhouse, config.migrate_on_start).await?)
 }
 
 /// Everything a flush writes to: ClickHouse, the directory projection, the dead-letter topic.

@@ -118,6 +118,16 @@ pub async fn pending(config: &ClickHouseConfig) -> Result<Vec<u32>, StoreError> 
         .collect())
 }
 
+/// What a service does with the schema as it starts: applies the pending migrations when
+/// `migrate_on_start` is set, else checks that none is pending.
+pub async fn prepare(config: &ClickHouseConfig, migrate_on_start: bool) -> Result<(), StoreError> {
+    if migrate_on_start {
+        apply(config).await.map(|_| ())
+    } else {
+        ensure_current(config).await
+    }
+}
+
 /// Fails with [`StoreError::SchemaBehind`] unless every migration has been applied.
 pub async fn ensure_current(config: &ClickHouseConfig) -> Result<(), StoreError> {
     let pending = pending(config).await?;

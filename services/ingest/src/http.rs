@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use audit_store::clickhouse;
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::StatusCode;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use axum::Router;
@@ -49,30 +49,26 @@ async fn healthz(State(state): State<OpsState>) -> (StatusCode, String) {
 }
 
 async fn readyz(State(state): State<OpsState>) -> (StatusCode, String) {
-    let unavailable = |text: String| (StatusCode::SERVICE_UNAVAILABLE, text);
-    if state.shutdown.is_cancelled() {
-        return unavailable("shutting down\n".to_owned());
-    }
-    if !state.consumer.context().joined() {
-        return unavailable("kafka consumer group not joined yet\n".to_owned());
-    }
-    match state.liveness.health() {
-        Health::Stuck { reason } => return unavailable(format!("stuck: {reason}\n")),
-        Health::Waiting { reason } => return unavailable(format!("waiting: {reason}\n")),
-        Health::Blocked { reason } => return unavailable(format!("blocked: {reason}\n")),
-        Health::Starting | Health::Progressing => {}
-    }
-    match audit_store::ping(&state.clickhouse, Duration::from_secs(2)).await {
-        Ok(()) => (StatusCode::OK, "ready\n".to_owned()),
-        Err(_) => unavailable("waiting: clickhouse unreachable\n".to_owned()),
-    }
+    let own = if !state.consumer.context().joined() {
+        Err("kafka consumer group not joined yet".to_owned())
+    } else {
+        match state.liveness.health() {
+            Health::Stuck { reason } => Err(format!("stuck: {reason}")),
+            Health::Waiting { reason } => Err(format!("waiting: {reason}")),
+            Health::Blocked { reason } => Err(format!("blocked: {reason}")),
+            Health::Starting | Health::Progressing => Ok(()),
+        }
+    };
+    let clickhouse = async {
+        audit_store::ping(&state.clickhouse, Duration::from_secs(2))
+            .await
+            .map_err(|_| "waiting: clickhouse unreachable".to_owned())
+    };
+    audit_runtime::ops::readiness(&state.shutdown, own, clickhouse).await
 }
 
 async fn metrics(State(state): State<OpsState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    audit_runtime::ops::metrics_response(state.metrics.render())
 }
 
 /// Binds the listener; the returned future serves until `shutdown` is cancelled.

@@ -3,6 +3,7 @@
 
 pub mod kafka;
 pub mod metrics;
+pub mod ops;
 pub mod settings;
 pub mod shutdown;
 pub mod telemetry;

@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{header, StatusCode};
+use axum::http::header;
 use axum::response::IntoResponse;
 
 use crate::AppState;
@@ -17,23 +17,21 @@ pub async fn healthz() -> &'static str {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    if state.shutdown.is_cancelled() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "shutting down\n");
-    }
-    if !state.keys.loaded() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "api keys not loaded yet\n");
-    }
-    match audit_store::ping(state.store.client(), Duration::from_secs(2)).await {
-        Ok(()) => (StatusCode::OK, "ready\n"),
-        Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "clickhouse unreachable\n"),
-    }
+    let keys = if state.keys.loaded() {
+        Ok(())
+    } else {
+        Err("api keys not loaded yet".to_owned())
+    };
+    let clickhouse = async {
+        audit_store::ping(state.store.client(), Duration::from_secs(2))
+            .await
+            .map_err(|_| "clickhouse unreachable".to_owned())
+    };
+    audit_runtime::ops::readiness(&state.shutdown, keys, clickhouse).await
 }
 
 pub async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
-    (
-        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-        state.metrics.render(),
-    )
+    audit_runtime::ops::metrics_response(state.metrics.render())
 }
 
 pub async fn openapi() -> impl IntoResponse {

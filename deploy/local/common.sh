@@ -41,13 +41,20 @@ KAFKA_DIR="$AUDIT_STATE_DIR/kafka"
 KAFKA_LIB="$AUDIT_STATE_DIR/kafka-$AUDIT_KAFKA_VERSION/lib"
 TLS_DIR="$AUDIT_STATE_DIR/tls"
 
-# Topics the services use: name:partitions.
-AUDIT_TOPICS="${AUDIT_TOPICS:-identity.users.v1:6 identity.teams.v1:6 identity.auth.v1:6 audit.dlq.v1:3 audit.reads.v1:3}"
+# Topics the services use, the shell's one copy of the names in `audit_event::topics`: the
+# identity topics upstream publishes to, the ingest's dead letters, the API's read events.
+AUDIT_IDENTITY_TOPICS="identity.users.v1 identity.teams.v1 identity.auth.v1"
+AUDIT_DEAD_LETTER_TOPIC="audit.dlq.v1"
+AUDIT_READS_TOPIC="audit.reads.v1"
+# What the stack creates: name:partitions.
+AUDIT_TOPICS="${AUDIT_TOPICS:-$(printf '%s:6 ' $AUDIT_IDENTITY_TOPICS)$AUDIT_DEAD_LETTER_TOPIC:3 $AUDIT_READS_TOPIC:3}"
 
 export AUDIT_STATE_DIR AUDIT_CLICKHOUSE_HTTP_PORT AUDIT_CLICKHOUSE_TCP_PORT AUDIT_KAFKA_PORT AUDIT_CHDB_VENV
 
-log() { printf '[local] %s\n' "$*" >&2; }
-die() { printf '[local] error: %s\n' "$*" >&2; exit 1; }
+# Neither fails when stderr is gone (`make run | tee run.log`, then Ctrl-C, ends the reader
+# first): a clean-up that logs must still stop what it started.
+log() { printf '[local] %s\n' "$*" >&2 2>/dev/null || true; }
+die() { printf '[local] error: %s\n' "$*" >&2 2>/dev/null || true; exit 1; }
 
 # pid_alive FILE: true when FILE names a running process.
 pid_alive() {

@@ -14,36 +14,33 @@ mkdir -p "$SERVICES_DIR"
 INGEST_PORT="${AUDIT_INGEST_HTTP_PORT:-18081}"
 API_PORT="${AUDIT_API_HTTP_PORT:-18080}"
 
-started=()
+# Ctrl-C under `make run | tee run.log` ends the reader of our output too: a write to it must
+# fail (and be ignored, see `log`) rather than kill this script before it stops the stack.
+trap '' PIPE
+
 service_pids=()
 cleanup() {
-  local pid part
+  local pid
   for pid in "${service_pids[@]}"; do
     kill -TERM "$pid" 2>/dev/null || true
   done
   for pid in "${service_pids[@]}"; do
     wait "$pid" 2>/dev/null || true
   done
-  for part in "${started[@]}"; do
-    "$LOCAL_DIR/$part.sh" stop || true
-  done
+  stop_started_parts_now
 }
+
+# ClickHouse and Kafka, started here unless already up (`make up`); stopped on exit if started.
+ensure_stack
 trap cleanup EXIT
 trap 'log "stopping"; exit 0' INT TERM
-
-for part in clickhouse kafka; do
-  if ! "$LOCAL_DIR/$part.sh" status >/dev/null 2>&1; then
-    started+=("$part")
-    "$LOCAL_DIR/$part.sh" start
-  fi
-done
 
 export AUDIT_INGEST__KAFKA__BROKERS="127.0.0.1:$AUDIT_KAFKA_PORT"
 export AUDIT_INGEST__CLICKHOUSE__URL="http://127.0.0.1:$AUDIT_CLICKHOUSE_HTTP_PORT"
 export AUDIT_INGEST__HTTP_LISTEN="127.0.0.1:$INGEST_PORT"
 export AUDIT_INGEST__TELEMETRY__LOG_FORMAT="${AUDIT_INGEST__TELEMETRY__LOG_FORMAT:-pretty}"
 # The identity topics, plus the API's own read events (reads of the audit log are audited).
-export AUDIT_INGEST__KAFKA__TOPICS="identity.users.v1,identity.teams.v1,identity.auth.v1,audit.reads.v1"
+export AUDIT_INGEST__KAFKA__TOPICS="${AUDIT_IDENTITY_TOPICS// /,},$AUDIT_READS_TOPIC"
 export AUDIT_API__CLICKHOUSE__URL="$AUDIT_INGEST__CLICKHOUSE__URL"
 export AUDIT_API__READ_EVENTS__BROKERS="$AUDIT_INGEST__KAFKA__BROKERS"
 export AUDIT_API__HTTP_LISTEN="127.0.0.1:$API_PORT"

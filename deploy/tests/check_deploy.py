@@ -5,7 +5,9 @@
 - Compose file: same ports and settings as `make run`, every build target exists, loopback only;
 - Grafana dashboard and Prometheus rules: structure, and every metric they use is exported by a
   running audit-ingest or audit-api (started here against the local stack);
-- the rendered ServiceMonitors (a CRD kubernetes-validate cannot check).
+- the rendered ServiceMonitors (a CRD kubernetes-validate cannot check);
+- topic names: the chart, the Compose file and the local scripts use those of
+  `shared/event/src/topics.rs`.
 """
 import argparse
 import json
@@ -271,6 +273,24 @@ def check_service_monitors(rendered):
     check(found == 2, f"expected 2 ServiceMonitors with every feature on, found {found}")
 
 
+def check_topics(values):
+    text = (ROOT / "shared/event/src/topics.rs").read_text()
+    named = dict(re.findall(r'pub const (\w+): &str = "([^"]+)";', text))
+    identity = [named[n] for n in re.search(r"IDENTITY: \[&str; 3\] = \[([^\]]+)\]", text).group(1).replace(" ", "").split(",")]
+    check(values["ingest"]["topics"] == identity, f"chart ingest.topics {values['ingest']['topics']} != {identity}")
+    check(values["ingest"]["deadLetterTopic"] == named["DEAD_LETTERS"], "chart ingest.deadLetterTopic differs from topics::DEAD_LETTERS")
+    check(values["api"]["readEvents"]["topic"] == named["READS"], "chart api.readEvents.topic differs from topics::READS")
+    shell = subprocess.run(
+        ["bash", "-c", 'source deploy/local/common.sh; echo "$AUDIT_IDENTITY_TOPICS|$AUDIT_DEAD_LETTER_TOPIC|$AUDIT_READS_TOPIC"'],
+        cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().split("|")
+    check(shell == [" ".join(identity), named["DEAD_LETTERS"], named["READS"]], f"deploy/local/common.sh topics {shell} differ from topics.rs")
+    compose = (ROOT / "deploy/compose/docker-compose.yml").read_text()
+    consumed = ",".join(identity + [named["READS"]])
+    check(f"AUDIT_INGEST__KAFKA__TOPICS: {consumed}" in compose, f"Compose file's ingest does not consume {consumed}")
+    for name in identity + [named["DEAD_LETTERS"], named["READS"]]:
+        check(f"{name}:" in compose, f"Compose file does not create topic {name}")
+
+
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--rendered", required=True)
@@ -280,6 +300,7 @@ def main():
     check_dockerfile(values)
     check_compose()
     check_service_monitors(args.rendered)
+    check_topics(values)
     used = used_metrics()
     if not args.no_services:
         exported = exported_metrics()
@@ -290,7 +311,7 @@ def main():
     if failures:
         print("deploy check FAILED:", *failures, sep="\n  - ", file=sys.stderr)
         sys.exit(1)
-    print("deploy check: Dockerfile, Compose file, dashboard, alert rules and ServiceMonitors passed")
+    print("deploy check: Dockerfile, Compose file, dashboard, alert rules, ServiceMonitors and topic names passed")
 
 
 if __name__ == "__main__":

@@ -160,7 +160,7 @@ impl Default for ReadEventsConfig {
         Self {
             enabled: true,
             brokers: "127.0.0.1:19092".to_owned(),
-            topic: "audit.reads.v1".to_owned(),
+            topic: audit_event::topics::READS.to_owned(),
             security: KafkaSecurity::default(),
             properties: BTreeMap::new(),
             sasl_password: None,

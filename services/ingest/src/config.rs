@@ -87,11 +87,7 @@ impl Default for KafkaConfig {
             sasl_password: None,
             brokers: "127.0.0.1:19092".to_owned(),
             group_id: "audit-ingest".to_owned(),
-            topics: vec![
-                "identity.users.v1".to_owned(),
-                "identity.teams.v1".to_owned(),
-                "identity.auth.v1".to_owned(),
-            ],
+            topics: audit_event::topics::IDENTITY.map(str::to_owned).to_vec(),
             security: KafkaSecurity::default(),
             properties: BTreeMap::new(),
             instance_id: None,
@@ -171,7 +167,7 @@ pub struct DeadLetterConfig {
 impl Default for DeadLetterConfig {
     fn default() -> Self {
         Self {
-            topic: "audit.dlq.v1".to_owned(),
+            topic: audit_event::topics::DEAD_LETTERS.to_owned(),
             max_invalid_ratio: 0.5,
             window_messages: 1_000,
         }
@@ -425,7 +421,7 @@ mod tests {
     #[test]
     fn the_dead_letter_topic_is_not_consumed() {
         let mut config = IngestConfig::default();
-        config.dead_letter.topic = "identity.users.v1".to_owned();
+        config.dead_letter.topic = audit_event::topics::USERS.to_owned();
         assert!(config.validate().is_err());
     }
 }

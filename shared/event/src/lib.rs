@@ -4,6 +4,7 @@
 mod error;
 mod model;
 mod timestamp;
+pub mod topics;
 mod validate;
 
 pub use error::{EventError, RejectReason};

@@ -36,11 +36,11 @@ struct Args {
         default_value = "org_acme,org_globex,org_initech"
     )]
     orgs: Vec<String>,
-    #[arg(long, default_value = "identity.users.v1")]
+    #[arg(long, default_value = audit_event::topics::USERS)]
     users_topic: String,
-    #[arg(long, default_value = "identity.teams.v1")]
+    #[arg(long, default_value = audit_event::topics::TEAMS)]
     teams_topic: String,
-    #[arg(long, default_value = "identity.auth.v1")]
+    #[arg(long, default_value = audit_event::topics::AUTH)]
     auth_topic: String,
     /// Spread occurredAt evenly over this many past days (0: the time of publishing).
     #[arg(long, default_value_t = 0)]

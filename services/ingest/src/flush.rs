@@ -4,6 +4,7 @@
 //! store the directory facts, produce and await the dead letters.
 
 use std::collections::BTreeMap;
+use std::time::Instant;
 
 use audit_event::{EventError, RejectReason};
 use audit_store::{AuditEventRow, EVENTS_TABLE};
@@ -13,7 +14,7 @@ use tracing_opentelemetry::OpenTelemetrySpanExt;
 
 use crate::batch::{DeadLetter, EventBatch, SourcePosition};
 use crate::dead_letter::DeadLetterProducer;
-use crate::directory::{facts_of, Directory, KnownValues};
+use crate::directory::{facts_of, BatchFacts, Directory, KnownValues};
 use crate::duplicates::DuplicateWatch;
 use crate::fence::{partition_stored, report_skipped, Claim, Fencing, Split};
 use crate::kafka::PartitionKey;
@@ -63,6 +64,30 @@ struct Stored {
     fence_time: std::time::Duration,
 }
 
+/// Stamps the rows with the time they are stored.
+fn stamp(rows: &mut [AuditEventRow]) {
+    let ingested_at_ms = crate::now_ms();
+    for row in rows {
+        row.ingested_at_ms = ingested_at_ms;
+    }
+}
+
+/// The dead letter of a row ClickHouse rejected: the row as it was to be stored stands in for
+/// the original bytes, which are gone by now.
+fn rejected_row((row, error): &(AuditEventRow, InsertError)) -> DeadLetter {
+    DeadLetter {
+        key: Some(row.id.clone().into_bytes()),
+        payload: serde_json::to_vec(row).ok(),
+        headers: vec![("dlq.payload.form".to_owned(), Some(b"stored_row".to_vec()))],
+        error: EventError::new(RejectReason::StorageRejected, error.to_string()),
+        source: SourcePosition {
+            topic: row.source_topic.clone(),
+            partition: row.source_partition,
+            offset: row.source_offset,
+        },
+    }
+}
+
 impl Flusher {
     /// Flushes `batch`. `claim`: the assignment of its partitions when the flush started (none
     /// for a replay); rows of partitions revoked since are left to the new owner.
@@ -84,6 +109,7 @@ impl Flusher {
             .await
     }
 
+    /// The steps of a flush, in order; the offsets may be committed once all succeeded.
     async fn flush_inner(
         &self,
         batch: EventBatch,
@@ -96,128 +122,115 @@ impl Flusher {
             ..
         } = batch;
 
-        let phase = |name: &str, since: std::time::Instant| {
-            self.metrics
-                .flush_phase_seconds
-                .with_label_values(&[name])
-                .observe(since.elapsed().as_secs_f64());
-        };
-        let started = std::time::Instant::now();
-        let facts = match &self.directory {
-            Some(directory) => directory.prepare(facts_of(&rows)),
-            None => Default::default(),
-        };
-        if let Some(directory) = &self.directory {
-            // After prepare (which compares with what the cache held before this batch).
-            directory.observe(&facts);
-            let known = self
-                .sink
-                .retry_transient("directory_read", || directory.resolve(&rows))
-                .await
-                .unwrap_or_else(|err| {
-                    // A rejected read (not an outage) only costs the enrichment of this batch.
-                    warn!(error = %err, "directory read rejected; batch stored without enrichment");
-                    KnownValues::default()
-                });
-            for row in &mut rows {
-                directory.fill(row, &known);
-            }
-        }
+        let started = Instant::now();
+        let facts = self.enrich(&mut rows).await;
+        stamp(&mut rows);
+        self.phase("directory_read", started);
 
-        let ingested_at_ms = crate::now_ms();
-        for row in &mut rows {
-            row.ingested_at_ms = ingested_at_ms;
-        }
-        phase("directory_read", started);
         let bytes: usize = rows.iter().map(AuditEventRow::wire_size).sum();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let stored = self.store_events(rows, claim).await?;
         // The fences' own share (intents, fence reads, look-ups) apart from the insert's.
-        self.metrics
-            .flush_phase_seconds
-            .with_label_values(&["fence"])
-            .observe(stored.fence_time.as_secs_f64());
-        self.metrics
-            .flush_phase_seconds
-            .with_label_values(&["insert"])
-            .observe(
-                started
-                    .elapsed()
-                    .saturating_sub(stored.fence_time)
-                    .as_secs_f64(),
-            );
+        self.observe_phase("fence", stored.fence_time);
+        self.observe_phase(
+            "insert",
+            started.elapsed().saturating_sub(stored.fence_time),
+        );
         self.duplicates.note(&stored.inserted);
-        let mut inserted_per_topic: BTreeMap<&str, u64> = BTreeMap::new();
-        let mut newest_ms = None;
-        for row in &stored.inserted {
-            *inserted_per_topic
-                .entry(row.source_topic.as_str())
-                .or_default() += 1;
-            newest_ms = newest_ms.max(Some(row.occurred_at_ms));
-        }
         if stored.released > 0 {
             debug!(
                 events = stored.released,
                 "partitions revoked during the flush: their events are left to the new owner"
             );
         }
-        for (row, error) in &stored.rejected {
-            dead_letters.push(DeadLetter {
-                key: Some(row.id.clone().into_bytes()),
-                // The original bytes are gone by now; the row as it was to be stored stands in.
-                payload: serde_json::to_vec(row).ok(),
-                headers: vec![("dlq.payload.form".to_owned(), Some(b"stored_row".to_vec()))],
-                error: EventError::new(RejectReason::StorageRejected, error.to_string()),
-                source: SourcePosition {
-                    topic: row.source_topic.clone(),
-                    partition: row.source_partition,
-                    offset: row.source_offset,
-                },
-            });
-        }
+        dead_letters.extend(stored.rejected.iter().map(rejected_row));
 
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         if let Some(directory) = &self.directory {
             directory
                 .store(&facts)
                 .await
                 .map_err(FlushError::Directory)?;
         }
-        phase("directory_write", started);
-        let started = std::time::Instant::now();
+        self.phase("directory_write", started);
+
+        let started = Instant::now();
         self.dead_letters
             .send_all(&dead_letters)
             .await
             .map_err(FlushError::DeadLetter)?;
-        phase("dead_letter", started);
+        self.phase("dead_letter", started);
 
-        let inserted = stored.inserted.len();
+        self.record(&stored.inserted, bytes);
+        Ok(FlushedBatch {
+            next_offsets,
+            inserted: stored.inserted.len(),
+            dead_lettered: dead_letters.len(),
+            skipped: stored.skipped,
+        })
+    }
+
+    /// Fills the rows' missing actor and user fields from the directory (when it is on), and
+    /// returns the batch's facts for the directory to store after the events.
+    async fn enrich(&self, rows: &mut [AuditEventRow]) -> BatchFacts {
+        let Some(directory) = &self.directory else {
+            return BatchFacts::default();
+        };
+        let facts = directory.prepare(facts_of(rows.iter()));
+        // After prepare (which compares with what the cache held before this batch).
+        directory.observe(&facts);
+        let known = self
+            .sink
+            .retry_transient("directory_read", || directory.resolve(rows))
+            .await
+            .unwrap_or_else(|err| {
+                // A rejected read (not an outage) only costs the enrichment of this batch.
+                warn!(error = %err, "directory read rejected; batch stored without enrichment");
+                KnownValues::default()
+            });
+        for row in rows.iter_mut() {
+            directory.fill(row, &known);
+        }
+        facts
+    }
+
+    /// The batch's size and the inserted rows per topic, and the newest event time seen.
+    fn record(&self, inserted: &[AuditEventRow], bytes: usize) {
         self.metrics
             .batch_rows
             .with_label_values(&[] as &[&str])
-            .observe(inserted as f64);
+            .observe(inserted.len() as f64);
         self.metrics
             .batch_bytes
             .with_label_values(&[] as &[&str])
             .observe(bytes as f64);
-        for (topic, count) in inserted_per_topic {
+        let mut per_topic: BTreeMap<&str, u64> = BTreeMap::new();
+        for row in inserted {
+            *per_topic.entry(row.source_topic.as_str()).or_default() += 1;
+        }
+        for (topic, count) in per_topic {
             self.metrics
                 .inserted
                 .with_label_values(&[topic])
                 .inc_by(count);
         }
-        if let Some(ms) = newest_ms {
+        if let Some(ms) = inserted.iter().map(|row| row.occurred_at_ms).max() {
             let seconds = ms as f64 / 1000.0;
             if seconds > self.metrics.newest_occurred_at.get() {
                 self.metrics.newest_occurred_at.set(seconds);
             }
         }
-        Ok(FlushedBatch {
-            next_offsets,
-            inserted,
-            dead_lettered: dead_letters.len(),
-            skipped: stored.skipped,
-        })
+    }
+
+    fn phase(&self, name: &str, since: Instant) {
+        self.observe_phase(name, since.elapsed());
+    }
+
+    fn observe_phase(&self, name: &str, took: std::time::Duration) {
+        self.metrics
+            .flush_phase_seconds
+            .with_label_values(&[name])
+            .observe(took.as_secs_f64());
     }
 
     /// Stores `rows` exactly once: rows at or below their partition's fence are looked up and
@@ -230,7 +243,7 @@ impl Flusher {
         claim: Option<&Claim>,
     ) -> Result<Stored, FlushError> {
         let mut stored = Stored::default();
-        let started = std::time::Instant::now();
+        let started = Instant::now();
         let Split { uncertain, fresh } = self
             .fencing
             .split(rows, claim)
@@ -273,7 +286,7 @@ impl Flusher {
         claim: Option<&Claim>,
         stored: &mut Stored,
     ) -> Result<Result<(), (Vec<AuditEventRow>, InsertError)>, FlushError> {
-        let mut delays = backon::BackoffBuilder::build(self.sink.backoff());
+        let mut delays = backon::BackoffBuilder::build(self.sink.retry().backoff());
         loop {
             if let Some(claim) = claim {
                 let before = rows.len();
@@ -296,13 +309,9 @@ impl Flusher {
                 Err(err) if !err.is_transient() => return Ok(Err((rows, err))),
                 Err(err) => {
                     let delay = delays.next().unwrap_or(std::time::Duration::from_secs(1));
-                    self.metrics
-                        .retries
-                        .with_label_values(&["clickhouse_insert"])
-                        .inc();
-                    warn!(operation = "clickhouse_insert", error = %err, retry_in_ms = delay.as_millis() as u64, "clickhouse request failed, retrying");
+                    self.sink.retry().note("clickhouse_insert", &err, delay);
                     tokio::time::sleep(delay).await;
-                    let started = std::time::Instant::now();
+                    let started = Instant::now();
                     rows = self.skip_stored(rows, stored).await?;
                     stored.fence_time += started.elapsed();
                 }

@@ -19,6 +19,7 @@ use crate::kafka::{self, IngestContext};
 use crate::liveness::{self, LivenessState};
 use crate::metrics::IngestMetrics;
 use crate::pipeline::Pipeline;
+use crate::retry::Retry;
 use crate::sink::ClickHouseSink;
 
 /// Why the service could not start or stopped abnormally.
@@ -52,13 +53,14 @@ pub async fn build_flusher(
 ) -> Result<Flusher, AppError> {
     let client = config.clickhouse.client();
     let uncollapsed = audit_store::has_setting(&client, "optimize_on_insert").await?;
-    let sink = ClickHouseSink::new(client, config.retry.clone(), metrics.clone())
+    let retry = Retry::new(config.retry.clone(), metrics.clone());
+    let sink = ClickHouseSink::new(client, retry.clone(), metrics.clone())
         .uncollapsed_inserts(uncollapsed);
     let dead_letters = DeadLetterProducer::new(
         kafka::producer(&config.kafka)?,
         config.dead_letter.topic.clone(),
         metrics.clone(),
-        sink.backoff(),
+        retry,
     );
     let directory = config.directory.enrich.then(|| {
         Directory::new(

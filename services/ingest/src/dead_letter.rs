@@ -4,16 +4,14 @@
 
 use std::time::Duration;
 
-use backon::{BackoffBuilder, ExponentialBuilder};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::FutureRecord;
 
-use crate::kafka::DeadLetterClient;
-use tracing::warn;
-
 use crate::batch::DeadLetter;
+use crate::kafka::DeadLetterClient;
 use crate::metrics::IngestMetrics;
+use crate::retry::Retry;
 
 pub const HEADER_REASON: &str = "dlq.reason";
 pub const HEADER_DETAIL: &str = "dlq.detail";
@@ -28,7 +26,7 @@ pub struct DeadLetterProducer {
     producer: DeadLetterClient,
     topic: String,
     metrics: IngestMetrics,
-    backoff: ExponentialBuilder,
+    retry: Retry,
 }
 
 impl DeadLetterProducer {
@@ -36,13 +34,13 @@ impl DeadLetterProducer {
         producer: DeadLetterClient,
         topic: String,
         metrics: IngestMetrics,
-        backoff: ExponentialBuilder,
+        retry: Retry,
     ) -> Self {
         Self {
             producer,
             topic,
             metrics,
-            backoff,
+            retry,
         }
     }
 
@@ -63,24 +61,15 @@ impl DeadLetterProducer {
         Ok(())
     }
 
+    /// Sends until Kafka acknowledges or refuses the message itself.
     async fn send_with_retry(&self, letter: &DeadLetter) -> Result<(), KafkaError> {
-        let mut delays = self.backoff.build();
-        loop {
-            let err = match self.send(letter).await {
-                Ok(()) => return Ok(()),
-                Err(err) if is_permanent(&err) => return Err(err),
-                Err(err) => err,
-            };
-            let Some(delay) = delays.next() else {
-                return Err(err);
-            };
-            self.metrics
-                .retries
-                .with_label_values(&["dead_letter_produce"])
-                .inc();
-            warn!(error = %err, retry_in_ms = delay.as_millis() as u64, "dead-letter produce failed, retrying");
-            tokio::time::sleep(delay).await;
-        }
+        self.retry
+            .run(
+                "dead_letter_produce",
+                || self.send(letter),
+                |err| !is_permanent(err),
+            )
+            .await
     }
 
     async fn send(&self, letter: &DeadLetter) -> Result<(), KafkaError> {

@@ -20,6 +20,7 @@ pub mod loadgen;
 pub mod metrics;
 pub mod pipeline;
 pub mod replay;
+pub mod retry;
 pub mod sink;
 
 pub use app::Application;

@@ -4,11 +4,9 @@
 use std::time::{Duration, Instant};
 
 use audit_store::clickhouse::{self, RowOwned, RowWrite};
-use backon::{ExponentialBuilder, Retryable};
-use tracing::warn;
 
-use crate::config::RetryConfig;
 use crate::metrics::IngestMetrics;
+use crate::retry::Retry;
 
 /// Why an insert failed.
 #[derive(Debug, thiserror::Error)]
@@ -41,14 +39,14 @@ pub fn classify(error: &clickhouse::error::Error) -> InsertError {
 #[derive(Clone)]
 pub struct ClickHouseSink {
     client: clickhouse::Client,
-    retry: RetryConfig,
+    retry: Retry,
     metrics: IngestMetrics,
     /// Sends `optimize_on_insert = 0` with the events' inserts (see [`Self::uncollapsed_inserts`]).
     uncollapsed: bool,
 }
 
 impl ClickHouseSink {
-    pub fn new(client: clickhouse::Client, retry: RetryConfig, metrics: IngestMetrics) -> Self {
+    pub fn new(client: clickhouse::Client, retry: Retry, metrics: IngestMetrics) -> Self {
         Self {
             client,
             retry,
@@ -114,8 +112,8 @@ impl ClickHouseSink {
             .await
     }
 
-    /// Runs `operation` until it succeeds or fails with a non-transient error, backing off
-    /// between attempts and counting each retry under `label` in `audit_ingest_retries_total`.
+    /// Runs `operation` until it succeeds or fails with a non-transient error (see
+    /// [`Retry::run`]), counting each retry under `label`.
     pub async fn retry_transient<T, Fut>(
         &self,
         label: &str,
@@ -124,22 +122,14 @@ impl ClickHouseSink {
     where
         Fut: std::future::Future<Output = Result<T, InsertError>>,
     {
-        operation
-            .retry(self.backoff())
-            .when(InsertError::is_transient)
-            .notify(|err, delay| {
-                self.metrics.retries.with_label_values(&[label]).inc();
-                warn!(operation = label, error = %err, retry_in_ms = delay.as_millis() as u64, "clickhouse request failed, retrying");
-            })
+        self.retry
+            .run(label, operation, InsertError::is_transient)
             .await
     }
 
-    pub fn backoff(&self) -> ExponentialBuilder {
-        ExponentialBuilder::new()
-            .with_jitter()
-            .with_min_delay(Duration::from_millis(self.retry.initial_backoff_ms))
-            .with_max_delay(Duration::from_millis(self.retry.max_backoff_ms))
-            .without_max_times()
+    /// The retry policy, for loops that do more between attempts than wait.
+    pub fn retry(&self) -> &Retry {
+        &self.retry
     }
 }
 

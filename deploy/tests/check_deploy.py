@@ -41,7 +41,9 @@ def binaries():
         data = tomllib.loads((ROOT / manifest).read_text())
         names.update(b["name"] for b in data.get("bin", []))
         bin_dir = (ROOT / manifest).parent / "src/bin"
-        names.update(p.stem for p in bin_dir.glob("*.rs")) if bin_dir.exists() else None
+        if bin_dir.exists():
+            names.update(p.stem for p in bin_dir.glob("*.rs"))
+            names.update(p.parent.name for p in bin_dir.glob("*/main.rs"))
     return names
 
 

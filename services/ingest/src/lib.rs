@@ -16,7 +16,6 @@ pub mod flush;
 pub mod http;
 pub mod kafka;
 pub mod liveness;
-pub mod loadgen;
 pub mod metrics;
 pub mod pipeline;
 pub mod replay;

@@ -7,13 +7,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use audit_ingest::loadgen::{stream_of, EventGenerator, Stream};
 use chrono::Utc;
 use clap::Parser;
 use rdkafka::config::ClientConfig;
 use rdkafka::error::{KafkaError, RDKafkaErrorCode};
 use rdkafka::producer::{BaseRecord, DeliveryResult, Producer, ProducerContext, ThreadedProducer};
 use rdkafka::ClientContext;
+
+use generator::{stream_of, EventGenerator, Stream};
+
+mod generator;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -77,7 +77,11 @@ pub fn decode(message: &BorrowedMessage<'_>) -> Decoded {
 
 /// The W3C trace context a producer attached to the message, if any.
 pub fn trace_context(message: &BorrowedMessage<'_>) -> Option<SpanContext> {
-    let headers = message.headers()?;
+    trace_context_of(message.headers()?)
+}
+
+/// The W3C trace context (`traceparent`, and `tracestate` when sent) in a message's headers.
+fn trace_context_of(headers: &impl Headers) -> Option<SpanContext> {
     let traceparent = headers
         .iter()
         .find(|h| h.key.eq_ignore_ascii_case("traceparent"))?
@@ -210,6 +214,38 @@ mod tests {
                 ingested_at_ms: 0,
             },
         )))
+    }
+
+    /// A producer's trace context becomes the flush span's link; a malformed one is ignored.
+    #[test]
+    fn a_traceparent_header_is_read_as_the_producers_trace() {
+        use rdkafka::message::{Header, OwnedHeaders};
+        opentelemetry::global::set_text_map_propagator(
+            opentelemetry_sdk::propagation::TraceContextPropagator::new(),
+        );
+        let headers = |value: &str| {
+            OwnedHeaders::new()
+                .insert(Header {
+                    key: "content-type",
+                    value: Some("application/json"),
+                })
+                .insert(Header {
+                    key: "TraceParent",
+                    value: Some(value),
+                })
+        };
+        let context = trace_context_of(&headers(
+            "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01",
+        ))
+        .expect("a valid traceparent");
+        assert_eq!(
+            context.trace_id().to_string(),
+            "0af7651916cd43dd8448eb211c80319c"
+        );
+        assert_eq!(context.span_id().to_string(), "b7ad6b7169203331");
+        assert!(context.is_remote() && context.is_sampled());
+        assert!(trace_context_of(&headers("00-not-a-trace-01")).is_none());
+        assert!(trace_context_of(&OwnedHeaders::new()).is_none());
     }
 
     #[test]

@@ -327,7 +327,7 @@ async fn insert_live_events(client: clickhouse::Client) {
 }
 
 fn iso(ms: i64) -> String {
-    audit_api::query::format_timestamp(ms)
+    audit_api::time::format_timestamp(ms)
 }
 
 #[tokio::main]

@@ -43,13 +43,6 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    pub fn invalid(parameter: &'static str, message: impl Into<String>) -> Self {
-        ApiError::InvalidParameter {
-            parameter,
-            message: message.into(),
-        }
-    }
-
     pub fn error_code(&self) -> &'static str {
         match self {
             ApiError::InvalidParameter { .. } => "invalid_parameter",
@@ -148,6 +141,15 @@ impl From<crate::store::ReadError> for ApiError {
             }
             ReadError::Timeout => ApiError::QueryTimeout,
             ReadError::Failed(detail) => ApiError::Internal(detail),
+        }
+    }
+}
+
+impl From<crate::query::InvalidParameter> for ApiError {
+    fn from(err: crate::query::InvalidParameter) -> Self {
+        ApiError::InvalidParameter {
+            parameter: err.parameter,
+            message: err.message,
         }
     }
 }

@@ -9,9 +9,10 @@ use futures_util::{stream, StreamExt};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::metrics::ApiMetrics;
+use crate::query::BodyFormat;
 use crate::query::SortOrder;
 use crate::store::{EventCursor, ExportSource};
-use crate::stream::{failed_mid_stream, BodyFormat, Encoder, SortedRows, StreamError, CHUNK_BYTES};
+use crate::stream::{failed_mid_stream, Encoder, SortedRows, StreamError, CHUNK_BYTES};
 use crate::time::HOUR_MS;
 
 /// Threads reading an export's windows side by side: window k is read by reader k % READERS,

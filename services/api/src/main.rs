@@ -77,7 +77,7 @@ async fn keys_command(config: &ApiConfig, command: KeysCommand) -> anyhow::Resul
                 "key id", "role", "created", "last used", "revoked"
             );
             let at = |ms: Option<i64>| {
-                ms.map(audit_api::query::format_timestamp)
+                ms.map(audit_api::time::format_timestamp)
                     .unwrap_or_else(|| "-".to_owned())
             };
             for row in rows {

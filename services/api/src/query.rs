@@ -6,16 +6,30 @@ use std::collections::BTreeSet;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use base64::Engine;
-use chrono::{DateTime, SecondsFormat, Utc};
+use chrono::DateTime;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
-
-use crate::error::ApiError;
 
 pub const DEFAULT_LIMIT: u32 = 50;
 pub const MAX_LIMIT: u32 = 1000;
 /// Longest accepted filter value, in characters; ids and emails are far shorter.
 const MAX_VALUE_LEN: usize = 512;
+
+/// A query parameter that is unknown, repeated, missing its form or out of range: the 400
+/// that names it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct InvalidParameter {
+    pub parameter: &'static str,
+    pub message: String,
+}
+
+fn invalid(parameter: &'static str, message: impl Into<String>) -> InvalidParameter {
+    InvalidParameter {
+        parameter,
+        message: message.into(),
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,10 +63,28 @@ impl PageFormat {
     }
 }
 
+/// The format of a streamed body: a CSV page, or an export's `format`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ExportFormat {
+pub enum BodyFormat {
     Csv,
     Ndjson,
+}
+
+impl BodyFormat {
+    /// The metrics label, which is also the file extension.
+    pub fn label(self) -> &'static str {
+        match self {
+            BodyFormat::Csv => "csv",
+            BodyFormat::Ndjson => "ndjson",
+        }
+    }
+
+    pub fn content_type(self) -> &'static str {
+        match self {
+            BodyFormat::Csv => "text/csv; charset=utf-8",
+            BodyFormat::Ndjson => "application/x-ndjson",
+        }
+    }
 }
 
 /// The filters shared by the page and export endpoints; every value is bound, never spliced.
@@ -113,7 +145,7 @@ pub struct AuditLogQuery {
 pub struct ExportQuery {
     pub filters: Filters,
     pub sort: SortOrder,
-    pub format: ExportFormat,
+    pub format: BodyFormat,
 }
 
 impl Filters {
@@ -153,12 +185,12 @@ struct Params {
 }
 
 impl Params {
-    fn parse(raw: Option<&str>, known: &[&'static str]) -> Result<Self, ApiError> {
+    fn parse(raw: Option<&str>, known: &[&'static str]) -> Result<Self, InvalidParameter> {
         let mut pairs: Vec<(&'static str, String)> = Vec::new();
         let mut seen = BTreeSet::new();
         for (name, value) in form_urlencoded::parse(raw.unwrap_or_default().as_bytes()) {
             let Some(&known_name) = known.iter().find(|k| **k == name) else {
-                return Err(ApiError::invalid(
+                return Err(invalid(
                     "query",
                     format!(
                         "unknown query parameter {:?}; accepted: {}",
@@ -168,7 +200,7 @@ impl Params {
                 ));
             };
             if !seen.insert(known_name) {
-                return Err(ApiError::invalid(
+                return Err(invalid(
                     known_name,
                     format!("{known_name} is given more than once"),
                 ));
@@ -185,15 +217,15 @@ impl Params {
             .map(|(_, v)| v.as_str())
     }
 
-    fn text(&self, name: &'static str) -> Result<Option<String>, ApiError> {
+    fn text(&self, name: &'static str) -> Result<Option<String>, InvalidParameter> {
         let Some(value) = self.get(name) else {
             return Ok(None);
         };
         if value.is_empty() {
-            return Err(ApiError::invalid(name, format!("{name} must not be empty")));
+            return Err(invalid(name, format!("{name} must not be empty")));
         }
         if value.chars().count() > MAX_VALUE_LEN {
-            return Err(ApiError::invalid(
+            return Err(invalid(
                 name,
                 format!("{name} is longer than {MAX_VALUE_LEN} characters"),
             ));
@@ -203,7 +235,7 @@ impl Params {
 
     /// An email address, lower-cased (the match is case-insensitive). Only its shape is
     /// checked: something before and after one `@`, no spaces.
-    fn email(&self, name: &'static str) -> Result<Option<String>, ApiError> {
+    fn email(&self, name: &'static str) -> Result<Option<String>, InvalidParameter> {
         let Some(value) = self.text(name)? else {
             return Ok(None);
         };
@@ -217,7 +249,7 @@ impl Params {
             None => false,
         };
         if !well_formed {
-            return Err(ApiError::invalid(
+            return Err(invalid(
                 name,
                 format!(
                     "{name} must be an email address, got {:?}",
@@ -228,12 +260,12 @@ impl Params {
         Ok(Some(value.to_lowercase()))
     }
 
-    fn time(&self, name: &'static str) -> Result<Option<i64>, ApiError> {
+    fn time(&self, name: &'static str) -> Result<Option<i64>, InvalidParameter> {
         let Some(value) = self.get(name) else {
             return Ok(None);
         };
         let parsed = DateTime::parse_from_rfc3339(value).map_err(|_| {
-            ApiError::invalid(
+            invalid(
                 name,
                 format!(
                     "{name} must be an RFC 3339 date-time with a UTC offset, e.g. 2025-01-01T00:00:00Z; got {:?}",
@@ -249,7 +281,7 @@ impl Params {
         ))
     }
 
-    fn filters(&self) -> Result<Filters, ApiError> {
+    fn filters(&self) -> Result<Filters, InvalidParameter> {
         let filters = Filters {
             from_ms: self.time("from")?,
             to_ms: self.time("to")?,
@@ -261,17 +293,17 @@ impl Params {
         };
         if let (Some(from), Some(to)) = (filters.from_ms, filters.to_ms) {
             if from >= to {
-                return Err(ApiError::invalid("from", "from must be before to"));
+                return Err(invalid("from", "from must be before to"));
             }
         }
         Ok(filters)
     }
 
-    fn sort(&self) -> Result<SortOrder, ApiError> {
+    fn sort(&self) -> Result<SortOrder, InvalidParameter> {
         match self.get("sort") {
             None | Some("desc") => Ok(SortOrder::Desc),
             Some("asc") => Ok(SortOrder::Asc),
-            Some(other) => Err(ApiError::invalid(
+            Some(other) => Err(invalid(
                 "sort",
                 format!("sort must be asc or desc, got {:?}", truncate(other)),
             )),
@@ -280,7 +312,7 @@ impl Params {
 }
 
 impl AuditLogQuery {
-    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+    pub fn parse(raw: Option<&str>) -> Result<Self, InvalidParameter> {
         let mut known = FILTER_PARAMETERS.to_vec();
         known.extend(["sort", "limit", "offset", "cursor", "format"]);
         let params = Params::parse(raw, &known)?;
@@ -291,7 +323,7 @@ impl AuditLogQuery {
             Some(text) => match text.parse::<u32>() {
                 Ok(n) if (1..=MAX_LIMIT).contains(&n) => n,
                 _ => {
-                    return Err(ApiError::invalid(
+                    return Err(invalid(
                         "limit",
                         format!(
                             "limit must be an integer from 1 to {MAX_LIMIT}, got {:?}",
@@ -308,7 +340,7 @@ impl AuditLogQuery {
                 .ok()
                 .filter(|n| *n <= i64::MAX as u64)
                 .ok_or_else(|| {
-                    ApiError::invalid(
+                    invalid(
                         "offset",
                         format!(
                             "offset must be a non-negative integer, got {:?}",
@@ -321,7 +353,7 @@ impl AuditLogQuery {
             None | Some("json") => PageFormat::Json,
             Some("csv") => PageFormat::Csv,
             Some(other) => {
-                return Err(ApiError::invalid(
+                return Err(invalid(
                     "format",
                     format!("format must be json or csv, got {:?}", truncate(other)),
                 ))
@@ -331,16 +363,16 @@ impl AuditLogQuery {
             None => None,
             // offset=0 is the default: a client that sends every parameter's default (as
             // generated clients do) may page by cursor.
-            Some(_) if offset > 0 => return Err(ApiError::invalid(
+            Some(_) if offset > 0 => return Err(invalid(
                 "cursor",
                 "cursor and an offset above 0 cannot be combined; a cursor already says where the page starts",
             )),
             Some(text) => {
                 let cursor = Cursor::decode(text).ok_or_else(|| {
-                    ApiError::invalid("cursor", "cursor is not one this service returned")
+                    invalid("cursor", "cursor is not one this service returned")
                 })?;
                 if cursor.filters != filters.fingerprint(sort) || cursor.sort != sort {
-                    return Err(ApiError::invalid(
+                    return Err(invalid(
                         "cursor",
                         "cursor was made for other filters or another sort; send the same filters as the first page",
                     ));
@@ -360,15 +392,15 @@ impl AuditLogQuery {
 }
 
 impl ExportQuery {
-    pub fn parse(raw: Option<&str>) -> Result<Self, ApiError> {
+    pub fn parse(raw: Option<&str>) -> Result<Self, InvalidParameter> {
         let mut known = FILTER_PARAMETERS.to_vec();
         known.extend(["sort", "format"]);
         let params = Params::parse(raw, &known)?;
         let format = match params.get("format") {
-            None | Some("csv") => ExportFormat::Csv,
-            Some("ndjson") => ExportFormat::Ndjson,
+            None | Some("csv") => BodyFormat::Csv,
+            Some("ndjson") => BodyFormat::Ndjson,
             Some(other) => {
-                return Err(ApiError::invalid(
+                return Err(invalid(
                     "format",
                     format!("format must be csv or ndjson, got {:?}", truncate(other)),
                 ))
@@ -387,20 +419,6 @@ fn truncate(value: &str) -> String {
     value.chars().take(64).collect()
 }
 
-/// `2025-01-01T00:00:00.000Z`: what every response says a timestamp is.
-pub fn format_timestamp(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|t| t.to_rfc3339_opts(SecondsFormat::Millis, true))
-        .unwrap_or_default()
-}
-
-/// `20250101T000000Z`, for file names.
-pub fn compact_timestamp(ms: i64) -> String {
-    DateTime::<Utc>::from_timestamp_millis(ms)
-        .map(|t| t.format("%Y%m%dT%H%M%SZ").to_string())
-        .unwrap_or_default()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -408,7 +426,7 @@ mod tests {
 
     fn parameter_of(raw: &str) -> String {
         match AuditLogQuery::parse(Some(raw)) {
-            Err(ApiError::InvalidParameter { parameter, .. }) => parameter.to_owned(),
+            Err(InvalidParameter { parameter, .. }) => parameter.to_owned(),
             other => panic!("{raw}: expected a 400, got {other:?}"),
         }
     }
@@ -514,30 +532,30 @@ mod tests {
     fn export_takes_no_pagination() {
         assert!(matches!(
             ExportQuery::parse(Some("limit=5")),
-            Err(ApiError::InvalidParameter {
+            Err(InvalidParameter {
                 parameter: "query",
                 ..
             })
         ));
         assert_eq!(
             ExportQuery::parse(Some("format=ndjson")).unwrap().format,
-            ExportFormat::Ndjson
+            BodyFormat::Ndjson
         );
     }
 
     proptest! {
-        /// Whatever arrives in the query string, parsing answers Ok or a 400, never panics.
+        /// Whatever arrives in the query string, parsing answers Ok or names what was wrong, never
+        /// panics.
         #[test]
         fn arbitrary_query_strings_never_panic(raw in ".{0,200}") {
-            match AuditLogQuery::parse(Some(&raw)) {
-                Ok(_) | Err(ApiError::InvalidParameter { .. }) => {}
-                Err(other) => prop_assert!(false, "unexpected {other:?}"),
+            if let Err(err) = AuditLogQuery::parse(Some(&raw)) {
+                prop_assert!(!err.message.is_empty() && !err.parameter.is_empty());
             }
         }
 
         #[test]
         fn timestamps_round_trip(ms in 0i64..4_102_444_800_000) {
-            let text = format_timestamp(ms);
+            let text = crate::time::format_timestamp(ms);
             let raw = format!("from={}", text);
             let query = AuditLogQuery::parse(Some(&raw)).unwrap();
             prop_assert_eq!(query.filters.from_ms, Some(ms));

@@ -14,7 +14,8 @@ use tracing::warn;
 use crate::config::ReadEventsConfig;
 use crate::keys::Caller;
 use crate::metrics::ApiMetrics;
-use crate::query::{format_timestamp, Filters};
+use crate::query::Filters;
+use crate::time::format_timestamp;
 
 /// What a request did, for its read event.
 pub struct ReadFacts<'a> {

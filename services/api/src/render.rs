@@ -6,8 +6,8 @@ use std::borrow::Cow;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 
-use crate::query::format_timestamp;
 use crate::store::EventRecord;
+use crate::time::format_timestamp;
 
 #[derive(Debug, Serialize)]
 #[serde(rename_all = "camelCase")]

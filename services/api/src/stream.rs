@@ -11,33 +11,11 @@ use futures_util::{stream, Stream};
 use tracing::error;
 
 use crate::metrics::ApiMetrics;
+use crate::query::BodyFormat;
 use crate::render::{write_csv_row, EventItem, CSV_HEADER};
 use crate::store::{EventCursor, EventRecord, ReadError};
 
 pub(crate) const CHUNK_BYTES: usize = 64 * 1024;
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BodyFormat {
-    Csv,
-    Ndjson,
-}
-
-impl BodyFormat {
-    /// The metrics label, which is also the file extension.
-    pub fn label(self) -> &'static str {
-        match self {
-            BodyFormat::Csv => "csv",
-            BodyFormat::Ndjson => "ndjson",
-        }
-    }
-
-    pub fn content_type(self) -> &'static str {
-        match self {
-            BodyFormat::Csv => "text/csv; charset=utf-8",
-            BodyFormat::Ndjson => "application/x-ndjson",
-        }
-    }
-}
 
 /// Encodes rows into the next chunk.
 pub(crate) struct Encoder {

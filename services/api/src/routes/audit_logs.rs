@@ -1,7 +1,7 @@
 //! `GET /api/v1/organization/audit-logs`: one page of the caller's organization's events, as
 //! JSON (with `total` and `nextCursor`) or as a streamed CSV file.
 
-use axum::extract::{RawQuery, State};
+use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -9,11 +9,13 @@ use serde::Serialize;
 
 use crate::auth::AdminCaller;
 use crate::error::ApiError;
-use crate::query::{compact_timestamp, AuditLogQuery, Cursor, Filters, PageFormat};
+use crate::query::BodyFormat;
+use crate::query::{AuditLogQuery, Cursor, Filters, PageFormat};
 use crate::render::EventItem;
 use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
 use crate::store::PageRequest;
-use crate::stream::{self, BodyFormat};
+use crate::stream;
+use crate::time::compact_timestamp;
 use crate::AppState;
 
 #[derive(Serialize)]
@@ -30,9 +32,8 @@ pub async fn list(
     State(state): State<AppState>,
     AdminCaller(caller): AdminCaller,
     request: RequestInfo,
-    RawQuery(raw): RawQuery,
+    query: AuditLogQuery,
 ) -> Result<Response, ApiError> {
-    let query = AuditLogQuery::parse(raw.as_deref())?;
     let org = caller.organization_id.as_str();
     let page = PageRequest {
         organization_id: org,

@@ -3,31 +3,26 @@
 
 use std::sync::Arc;
 
-use axum::extract::{RawQuery, State};
+use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 
 use crate::auth::AdminCaller;
 use crate::error::ApiError;
-use crate::query::{ExportFormat, ExportQuery};
+use crate::query::ExportQuery;
 use crate::routes::audit_logs::download_headers;
 use crate::routes::{freshness_headers, read_facts, RequestInfo, ResponseFormat};
-use crate::stream::BodyFormat;
 use crate::AppState;
 
 pub async fn export(
     State(state): State<AppState>,
     AdminCaller(caller): AdminCaller,
     request: RequestInfo,
-    RawQuery(raw): RawQuery,
+    query: ExportQuery,
 ) -> Result<Response, ApiError> {
-    let query = ExportQuery::parse(raw.as_deref())?;
     let permit = Arc::clone(&state.exports)
         .try_acquire_owned()
         .map_err(|_| ApiError::TooManyExports)?;
-    let format = match query.format {
-        ExportFormat::Csv => BodyFormat::Csv,
-        ExportFormat::Ndjson => BodyFormat::Ndjson,
-    };
+    let format = query.format;
     let source = state
         .store
         .export(&caller.organization_id, &query.filters, query.sort);

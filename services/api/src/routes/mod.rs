@@ -21,8 +21,9 @@ use tracing::Span;
 
 use crate::error::ApiError;
 use crate::keys::Caller;
-use crate::query::{format_timestamp, Filters};
+use crate::query::{AuditLogQuery, ExportQuery, Filters};
 use crate::read_events::ReadFacts;
+use crate::time::format_timestamp;
 use crate::AppState;
 
 pub const AUDIT_LOGS_PATH: &str = "/api/v1/organization/audit-logs";
@@ -90,6 +91,25 @@ impl<S: Send + Sync> FromRequestParts<S> for RequestInfo {
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_owned),
         })
+    }
+}
+
+/// The page endpoint's query string as an extractor: a handler receives it parsed, and a bad
+/// one is answered with its 400 before the handler runs.
+impl<S: Send + Sync> FromRequestParts<S> for AuditLogQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Self::parse(parts.uri.query())?)
+    }
+}
+
+/// The export endpoint's query string as an extractor (see [`AuditLogQuery`]'s).
+impl<S: Send + Sync> FromRequestParts<S> for ExportQuery {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
+        Ok(Self::parse(parts.uri.query())?)
     }
 }
 

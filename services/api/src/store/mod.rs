@@ -29,7 +29,7 @@ use audit_store::ClickHouseConfig;
 
 pub use count::EXACT_TOTAL_LIMIT;
 pub use export::ExportSource;
-pub use page::{Page, PageRequest};
+pub use page::{Page, PageItem, PageRequest};
 pub use record::{EventCursor, EventRecord};
 pub use tables::{BY_ACTOR_EMAIL_TABLE, BY_TYPE_TABLE};
 

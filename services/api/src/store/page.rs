@@ -6,7 +6,12 @@ use super::window::Window;
 use super::ReadError;
 use super::{AuditLogStore, Snapshot};
 use crate::query::{Cursor, Filters, SortOrder};
-use crate::render::EventItem;
+
+/// What a page is made of, one per event: built from the stored record as it is read (the
+/// HTTP layer's JSON item, say), so that the store needs to know nothing of it.
+pub trait PageItem: for<'r, 'a> From<&'r EventRecord<'a>> + Send {}
+
+impl<T> PageItem for T where T: for<'r, 'a> From<&'r EventRecord<'a>> + Send {}
 
 /// What a page query asks for.
 pub struct PageRequest<'a> {
@@ -34,11 +39,11 @@ impl PageRequest<'_> {
 }
 
 /// A page as [`AuditLogStore::page`] reads it, with the total of its filters.
-pub struct Page {
+pub struct Page<T> {
     /// The (time, id) keys of the page's events, in order, at most `limit`.
     pub keys: Vec<(i64, String)>,
     /// The events themselves, when asked for.
-    pub items: Option<Vec<EventItem>>,
+    pub items: Option<Vec<T>>,
     /// Whether events follow the page.
     pub more: bool,
     pub total: u64,
@@ -56,7 +61,11 @@ impl AuditLogStore {
     ///
     /// `items`: whether to read the events (JSON) or only their keys (CSV, which streams the
     /// events afterwards with [`Self::page_rows_cursor`]).
-    pub async fn page(&self, request: &PageRequest<'_>, items: bool) -> Result<Page, ReadError> {
+    pub async fn page<T: PageItem>(
+        &self,
+        request: &PageRequest<'_>,
+        items: bool,
+    ) -> Result<Page<T>, ReadError> {
         let filters = request.filters;
         let org = request.organization_id;
         let table = Condition::on_keys(org, filters).table;
@@ -103,12 +112,12 @@ impl AuditLogStore {
     /// when a narrowed window comes back short (its months held fewer events than counted:
     /// re-deliveries, or rows removed since), and with FINAL when the page shows an event twice
     /// (a copy not found yet).
-    pub(super) async fn read_page(
+    pub(super) async fn read_page<T: PageItem>(
         &self,
         request: &PageRequest<'_>,
         window: Window,
         items: bool,
-    ) -> Result<(Vec<(i64, String)>, Option<Vec<EventItem>>, bool), ReadError> {
+    ) -> Result<(Vec<(i64, String)>, Option<Vec<T>>, bool), ReadError> {
         let wanted = request.wanted() as usize;
         let mut window = window;
         loop {
@@ -186,11 +195,11 @@ impl AuditLogStore {
     /// (ClickHouse 26.9 reads it in sort-key order and reads the other columns of the page's
     /// rows only); a filter on event type alone over more than a month reads the keys from its
     /// key-only table first, then the rows by key.
-    pub(super) async fn page_items(
+    pub(super) async fn page_items<T: PageItem>(
         &self,
         request: &PageRequest<'_>,
         window: &Window,
-    ) -> Result<(Vec<(i64, String)>, Option<Vec<EventItem>>), ReadError> {
+    ) -> Result<(Vec<(i64, String)>, Option<Vec<T>>), ReadError> {
         let base = Condition::on_rows(request.organization_id, request.filters);
         // A filter on event type alone reads the full rows directly when the window is one
         // month: read in order, ClickHouse stops at the page's last match, and the counts put
@@ -212,7 +221,7 @@ impl AuditLogStore {
             let mut items = Vec::new();
             while let Some(row) = cursor.next().await? {
                 keys.push((row.occurred_at_ms, row.id.to_owned()));
-                items.push(EventItem::from(&row));
+                items.push(T::from(&row));
             }
             Ok((keys, Some(items)))
         })
@@ -221,11 +230,11 @@ impl AuditLogStore {
 
     /// The events of `keys` in their order, as JSON items, one each (a copy not merged yet is
     /// one event).
-    pub(super) async fn page_rows(
+    pub(super) async fn page_rows<T: PageItem>(
         &self,
         request: &PageRequest<'_>,
         keys: &[(i64, String)],
-    ) -> Result<Vec<EventItem>, ReadError> {
+    ) -> Result<Vec<T>, ReadError> {
         let Some((condition, sql)) = Self::rows_query(request, keys) else {
             return Ok(Vec::new());
         };
@@ -233,7 +242,7 @@ impl AuditLogStore {
             let mut cursor = query.fetch::<EventRecord<'_>>()?;
             let mut items = Vec::with_capacity(keys.len());
             while let Some(row) = cursor.next().await? {
-                items.push(EventItem::from(&row));
+                items.push(T::from(&row));
             }
             Ok(items)
         })

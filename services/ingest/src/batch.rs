@@ -180,6 +180,16 @@ impl EventBatch {
         self.len() >= max_rows || self.bytes >= max_bytes
     }
 
+    /// Empty, full or past its age under `config`: what decides when it is flushed (see
+    /// [`crate::flow`]).
+    pub fn state(&self, config: &crate::config::BatchConfig) -> crate::flow::BatchState {
+        crate::flow::BatchState {
+            empty: self.is_empty(),
+            full: self.is_full(config.max_rows, config.max_bytes),
+            expired: self.age() >= config.max_age(),
+        }
+    }
+
     /// Forgets everything from partitions this member no longer owns: their new owner will
     /// read those messages again from the last committed offset.
     pub fn drop_partitions(&mut self, revoked: &BTreeSet<PartitionKey>) -> usize {

@@ -12,6 +12,7 @@ pub mod dead_letter;
 pub mod directory;
 pub mod duplicates;
 pub mod fence;
+pub mod flow;
 pub mod flush;
 pub mod http;
 pub mod kafka;

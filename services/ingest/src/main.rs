@@ -2,7 +2,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use audit_ingest::cli::{Cli, Command, ReplayArgs};
-use audit_ingest::replay::{Bound, ReplayRange};
+use audit_ingest::replay::{RangeEnd, ReplayRange};
 use audit_ingest::{Application, IngestConfig};
 use clap::Parser;
 
@@ -59,18 +59,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
 fn replay_range(args: ReplayArgs, config: &IngestConfig) -> anyhow::Result<(ReplayRange, bool)> {
     let time = |flag: &str, value: &str| {
         chrono::DateTime::parse_from_rfc3339(value)
-            .map(|t| Bound::Time(t.with_timezone(&chrono::Utc)))
+            .map(|t| RangeEnd::Time(t.with_timezone(&chrono::Utc)))
             .with_context(|| format!("{flag} {value:?} is not an RFC 3339 date-time"))
     };
     let from = match (args.from_offset, &args.from_time) {
-        (Some(offset), _) => Bound::Offset(offset),
+        (Some(offset), _) => RangeEnd::Offset(offset),
         (None, Some(at)) => time("--from-time", at)?,
-        (None, None) => Bound::Edge,
+        (None, None) => RangeEnd::Edge,
     };
     let to = match (args.to_offset, &args.to_time) {
-        (Some(offset), _) => Bound::Offset(offset),
+        (Some(offset), _) => RangeEnd::Offset(offset),
         (None, Some(at)) => time("--to-time", at)?,
-        (None, None) => Bound::Edge,
+        (None, None) => RangeEnd::Edge,
     };
     let topics = if args.topics.is_empty() {
         config.kafka.topics.clone()

@@ -1,8 +1,6 @@
-//! The consume loop: Kafka -> decode -> batch -> flush -> commit. One flush runs while the next
-//! batch fills; when that batch is full too, consumption waits for the flush, and if that takes
-//! long (ClickHouse slow or down) the assigned partitions are paused while the consumer keeps
-//! polling, so the group membership holds; after every rebalance the loop's pause state is
-//! applied to the new assignment. Offsets are committed only after their flush, in order, so a
+//! The consume loop: Kafka -> decode -> batch -> flush -> commit. When to flush, stop taking
+//! messages, pause and resume is decided by [`crate::flow::FlowControl`]; after every rebalance
+//! the loop's pause state is applied to the new assignment. Offsets are committed only after their flush, in order, so a
 //! committed offset never passes an event ClickHouse has not acknowledged.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
@@ -22,6 +20,7 @@ use tracing::{debug, error, info, warn};
 use crate::batch::{decode, trace_context, Decoded, EventBatch};
 use crate::config::{BatchConfig, DeadLetterConfig};
 use crate::fence::Claim;
+use crate::flow::FlowControl;
 use crate::flush::{FlushError, FlushedBatch, Flusher};
 use crate::kafka::{IngestConsumer, PartitionKey};
 use crate::liveness::LivenessState;
@@ -130,46 +129,35 @@ impl Pipeline {
         let mut batch = EventBatch::default();
         // Flushes under way, oldest first; committed strictly in this order.
         let mut in_flight: VecDeque<InFlight> = VecDeque::new();
-        let mut paused = false;
+        let mut flow = FlowControl::new(self.batch.max_in_flight, PAUSE_AFTER);
         let mut rebalances_seen = 0;
         let mut durable = DurableOffsets::default();
-        let mut blocked_since: Option<Instant> = None;
         let mut guard = InvalidRatioGuard::new(&self.dead_letter);
         let max_age = self.batch.max_age();
 
         let outcome = loop {
-            self.after_rebalance(&mut batch, &mut durable, &mut rebalances_seen, paused);
+            self.after_rebalance(
+                &mut batch,
+                &mut durable,
+                &mut rebalances_seen,
+                flow.paused(),
+            );
             self.retry_failed_commit(&mut durable);
             self.liveness
                 .set_holding(!batch.is_empty() || !in_flight.is_empty());
 
-            let due = !batch.is_empty()
-                && (batch.is_full(self.batch.max_rows, self.batch.max_bytes)
-                    || batch.age() >= max_age);
-            if due && in_flight.len() < self.batch.max_in_flight {
+            let turn = flow.turn(Instant::now(), batch.state(&self.batch), in_flight.len());
+            if turn.start_flush {
                 in_flight.push_back(self.start_flush(std::mem::take(&mut batch)));
             }
-            // Back-pressure: with a flush in flight and the next batch full, stop taking messages
-            // (librdkafka's bounded prefetch queue fills, then fetching stops). If the flush
-            // takes longer than PAUSE_AFTER (ClickHouse slow or down), pause the partitions and
-            // go on polling, so that the group membership and rebalances keep working.
-            let blocked = in_flight.len() >= self.batch.max_in_flight
-                && batch.is_full(self.batch.max_rows, self.batch.max_bytes);
-            if !blocked {
-                if let Some(since) = blocked_since.take() {
-                    self.metrics
-                        .backpressure_seconds
-                        .inc_by(since.elapsed().as_secs_f64());
-                }
-                if paused {
-                    self.set_paused(false);
-                    paused = false;
-                }
-            } else if blocked_since.is_none() {
-                blocked_since = Some(Instant::now());
+            if let Some(blocked) = turn.unblocked_after {
+                self.metrics
+                    .backpressure_seconds
+                    .inc_by(blocked.as_secs_f64());
             }
-            let pause_at = blocked_since.map(|since| since + PAUSE_AFTER);
-            let take_messages = !blocked || paused;
+            if turn.resume {
+                self.set_paused(false);
+            }
             let deadline = batch
                 .deadline(max_age)
                 .map(Instant::from_std)
@@ -189,13 +177,13 @@ impl Pipeline {
                         Err(err) => break Err(PipelineError::FlushTask(err)),
                     }
                 }
-                _ = async { tokio::time::sleep_until(pause_at.expect("guarded by if")).await }, if blocked && !paused => {
+                _ = async { tokio::time::sleep_until(turn.pause_at.expect("guarded by if")).await }, if turn.pause_at.is_some() => {
                     self.set_paused(true);
-                    paused = true;
+                    flow.pause();
                 }
-                received = self.consumer.recv(), if take_messages => match received {
+                received = self.consumer.recv(), if turn.take_messages => match received {
                     Ok(message) => {
-                        self.after_rebalance(&mut batch, &mut durable, &mut rebalances_seen, paused);
+                        self.after_rebalance(&mut batch, &mut durable, &mut rebalances_seen, flow.paused());
                         if let Err(err) = self.accept(&message, &mut batch, &mut guard) {
                             break Err(err);
                         }
@@ -203,11 +191,11 @@ impl Pipeline {
                         // Take what is already buffered without going round the select (and its
                         // timer) once per message.
                         let mut outcome = Ok(());
-                        while !paused && !batch.is_full(self.batch.max_rows, self.batch.max_bytes) {
+                        while !flow.paused() && !batch.is_full(self.batch.max_rows, self.batch.max_bytes) {
                             let Some(next) = self.consumer.recv().now_or_never() else { break };
                             match next {
                                 Ok(message) => {
-                                    self.after_rebalance(&mut batch, &mut durable, &mut rebalances_seen, paused);
+                                    self.after_rebalance(&mut batch, &mut durable, &mut rebalances_seen, flow.paused());
                                     outcome = self.accept(&message, &mut batch, &mut guard);
                                     if outcome.is_err() {
                                         break;
@@ -228,11 +216,9 @@ impl Pipeline {
                 // While offsets could need committing again, look at least every second
                 // whether a commit failed (the loop may otherwise sleep in recv()).
                 _ = tokio::time::sleep(COMMIT_RETRY_EVERY), if durable.watching() => {}
-                // Only while a flush could start: with every flush slot taken, a batch past its
-                // age would fire this at once on every turn, a busy loop for as long as the
-                // flush ahead waits for ClickHouse (one core at 100% through an outage). The
-                // flush's completion wakes the loop instead.
-                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() && in_flight.len() < self.batch.max_in_flight => {}
+                // Only while a flush could start (see `Turn::flush_slot_free`): the flush's
+                // completion wakes the loop otherwise.
+                _ = tokio::time::sleep_until(deadline), if !batch.is_empty() && turn.flush_slot_free => {}
             }
         };
 

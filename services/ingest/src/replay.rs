@@ -20,7 +20,7 @@ use crate::metrics::IngestMetrics;
 
 /// Where a replay starts or stops.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Bound {
+pub enum RangeEnd {
     Offset(i64),
     Time(DateTime<Utc>),
     /// Start: the earliest retained message. End: the high watermark when the replay starts.
@@ -32,9 +32,9 @@ pub struct ReplayRange {
     pub topics: Vec<String>,
     /// Empty: every partition of each topic.
     pub partitions: Vec<i32>,
-    pub from: Bound,
+    pub from: RangeEnd,
     /// Exclusive.
-    pub to: Bound,
+    pub to: RangeEnd,
 }
 
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -158,10 +158,9 @@ pub async fn replay(
             batch.push(decoded, size, None);
             progress.inc(1);
         }
-        let due = batch.is_full(batch_config.max_rows, batch_config.max_bytes)
-            || batch.age() >= batch_config.max_age()
-            || (remaining.is_empty() && !batch.is_empty());
-        if due && !batch.is_empty() {
+        // The service's rule (one flush at a time here), and the end of the range.
+        let state = batch.state(batch_config);
+        if state.due() || (remaining.is_empty() && !state.empty) {
             let flushed = flusher.flush(std::mem::take(&mut batch), None).await?;
             summary.already_stored += flushed.skipped as u64;
         }
@@ -220,14 +219,14 @@ fn resolve(
     consumer: &kafka::IngestConsumer,
     topic: &str,
     partition: i32,
-    bound: &Bound,
+    bound: &RangeEnd,
     edge: i64,
     high: i64,
 ) -> Result<i64, ReplayError> {
     match bound {
-        Bound::Edge => Ok(edge),
-        Bound::Offset(offset) => Ok(*offset),
-        Bound::Time(at) => {
+        RangeEnd::Edge => Ok(edge),
+        RangeEnd::Offset(offset) => Ok(*offset),
+        RangeEnd::Time(at) => {
             let mut query = TopicPartitionList::new();
             query.add_partition_offset(topic, partition, Offset::Offset(at.timestamp_millis()))?;
             let found = consumer.offsets_for_times(query, KAFKA_TIMEOUT)?;

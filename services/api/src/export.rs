@@ -12,7 +12,7 @@ use crate::metrics::ApiMetrics;
 use crate::query::BodyFormat;
 use crate::query::SortOrder;
 use crate::store::{EventCursor, ExportSource};
-use crate::stream::{failed_mid_stream, Encoder, SortedRows, StreamError, CHUNK_BYTES};
+use crate::stream::{failed_mid_stream, CursorChunks, Encoder, StreamError, CHUNK_BYTES};
 use crate::time::HOUR_MS;
 
 /// Threads reading an export's windows side by side: window k is read by reader k % READERS,
@@ -60,13 +60,13 @@ pub async fn start(
             .map_err(StreamError::Spawn)?;
         readers.push(rx);
     }
-    let mut pieces = Pieces {
+    let mut chunks = WindowChunks {
         readers,
         window: 0,
         windows: windows.len(),
         _permit: permit,
     };
-    let first = pieces.next().await.transpose()?;
+    let first = chunks.next().await.transpose()?;
     let mut header = Encoder::new(format);
     let header = header.header().and_then(|()| header.take())?;
     let (first, rows) = match first {
@@ -75,17 +75,17 @@ pub async fn start(
     };
     let label = format.label();
     metrics.observe_streamed(label, rows, first.len());
-    let rest = stream::unfold(pieces, move |mut pieces| {
+    let rest = stream::unfold(chunks, move |mut chunks| {
         let metrics = metrics.clone();
         async move {
-            let chunk = match pieces.next().await? {
+            let chunk = match chunks.next().await? {
                 Ok((bytes, rows)) => {
                     metrics.observe_streamed(label, rows, bytes.len());
                     Ok(bytes)
                 }
                 Err(err) => Err(failed_mid_stream(&err)),
             };
-            Some((chunk, pieces))
+            Some((chunk, chunks))
         }
     });
     Ok(Body::from_stream(
@@ -94,7 +94,7 @@ pub async fn start(
 }
 
 /// The readers' chunks, window after window.
-struct Pieces {
+struct WindowChunks {
     readers: Vec<tokio::sync::mpsc::Receiver<Piece>>,
     /// The window being sent, and how many there are.
     window: usize,
@@ -103,7 +103,7 @@ struct Pieces {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Pieces {
+impl WindowChunks {
     /// The next encoded rows (bytes, rows) in window order; None at the end. After a failure,
     /// nothing more.
     async fn next(&mut self) -> Option<Result<(Bytes, u64), StreamError>> {
@@ -218,7 +218,7 @@ impl WindowReader {
         }
         // More than a window may hold: ClickHouse sorts it, rows go out as they come.
         let cursor = source.rows(window.from_ms, window.to_ms, true)?;
-        let mut sorted = SortedRows::new(Some(cursor), self.format);
+        let mut sorted = CursorChunks::new(Some(cursor), self.format);
         while let Some(chunk) = sorted.chunk().await {
             let (bytes, rows) = chunk?;
             send(bytes, rows).await?;
@@ -274,7 +274,7 @@ impl WindowRows {
         Ok(true)
     }
 
-    /// Where each row lies in the encoded window, in `sort` order by (time, id), twins left out
+    /// Where each row lies in the encoded window, in `sort` order by (time, id), re-deliveries left out
     /// (a re-delivery not merged yet has the key of the event it repeats).
     fn in_order(&mut self, sort: SortOrder) -> impl Iterator<Item = std::ops::Range<usize>> + '_ {
         let ids = &self.ids;

@@ -150,7 +150,7 @@ async fn open_chunks(
     format: BodyFormat,
     metrics: ApiMetrics,
 ) -> Result<impl Stream<Item = std::io::Result<Bytes>>, StreamError> {
-    let mut rows = SortedRows::new(cursor, format);
+    let mut rows = CursorChunks::new(cursor, format);
     rows.encoder.header().map_err(StreamError::Encode)?;
     rows.next_row().await?;
     Ok(chunks(rows, metrics))
@@ -159,9 +159,9 @@ async fn open_chunks(
 /// (time, id) of the last row written: rows arrive sorted, so a re-delivery not merged yet comes
 /// right after its twin and is skipped. The id's buffer is reused row after row.
 #[derive(Default)]
-struct Twins(Option<(i64, String)>);
+struct LastKey(Option<(i64, String)>);
 
-impl Twins {
+impl LastKey {
     /// Whether (`time`, `id`) is the last row's key; else it becomes the last row's key.
     fn repeats(&mut self, time: i64, id: &str) -> bool {
         match &mut self.0 {
@@ -200,27 +200,27 @@ impl From<audit_store::clickhouse::error::Error> for StreamError {
 }
 
 /// Rows of a cursor that arrive in the body's order (CSV pages, windows ClickHouse sorted),
-/// encoded chunk by chunk, twins dropped.
-pub(crate) struct SortedRows {
+/// encoded chunk by chunk, re-deliveries dropped.
+pub(crate) struct CursorChunks {
     cursor: Option<EventCursor>,
     encoder: Encoder,
     /// The cursor is exhausted (or failed).
     done: bool,
     /// The chunk holding the last rows was taken.
     finished: bool,
-    last: Twins,
+    last: LastKey,
     /// Rows encoded into the chunk being filled.
     rows: u64,
 }
 
-impl SortedRows {
+impl CursorChunks {
     pub(crate) fn new(cursor: Option<EventCursor>, format: BodyFormat) -> Self {
         Self {
             cursor,
             encoder: Encoder::new(format),
             done: false,
             finished: false,
-            last: Twins::default(),
+            last: LastKey::default(),
             rows: 0,
         }
     }
@@ -267,7 +267,7 @@ pub(crate) fn failed_mid_stream(err: &dyn std::fmt::Display) -> std::io::Error {
 }
 
 /// The encoded chunks of `rows`, counted in the metrics.
-fn chunks(rows: SortedRows, metrics: ApiMetrics) -> impl Stream<Item = std::io::Result<Bytes>> {
+fn chunks(rows: CursorChunks, metrics: ApiMetrics) -> impl Stream<Item = std::io::Result<Bytes>> {
     let label = rows.encoder.format.label();
     stream::unfold(rows, move |mut rows| {
         let metrics = metrics.clone();

@@ -15,7 +15,7 @@ use lru::LruCache;
 use serde::Deserialize;
 
 use crate::metrics::IngestMetrics;
-use crate::sink::{ClickHouseSink, InsertError};
+use crate::sink::{ClickHouseError, ClickHouseSink};
 
 /// What a fact is about.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -223,7 +223,7 @@ impl Directory {
     /// The stored or batch-stated values for every field of `rows` that the directory can
     /// fill. Reads ClickHouse for keys the cache lacks (or holds for longer than the TTL).
     /// Call [`Directory::observe`] with the batch's facts first.
-    pub async fn resolve(&self, rows: &[AuditEventRow]) -> Result<KnownValues, InsertError> {
+    pub async fn resolve(&self, rows: &[AuditEventRow]) -> Result<KnownValues, ClickHouseError> {
         let wanted: HashSet<FactKey> = rows.iter().flat_map(wanted_keys).collect();
         if wanted.is_empty() {
             return Ok(KnownValues::default());
@@ -390,7 +390,7 @@ impl Directory {
     }
 
     /// Reads the latest stored fact of each key, one query per (kind, organization).
-    async fn load(&self, keys: &[FactKey]) -> Result<HashMap<FactKey, Fact>, InsertError> {
+    async fn load(&self, keys: &[FactKey]) -> Result<HashMap<FactKey, Fact>, ClickHouseError> {
         let mut groups: HashMap<(FactKind, &str), Vec<&str>> = HashMap::new();
         for (kind, org, id) in keys {
             groups
@@ -433,7 +433,7 @@ impl Directory {
     }
 
     /// Stores the facts [`Directory::prepare`] kept (retrying transient failures).
-    pub async fn store(&self, facts: &BatchFacts) -> Result<(), InsertError> {
+    pub async fn store(&self, facts: &BatchFacts) -> Result<(), ClickHouseError> {
         self.sink
             .insert(DIRECTORY_USERS_TABLE, &facts.users)
             .await?;

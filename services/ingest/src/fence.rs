@@ -29,7 +29,7 @@ use tracing::{info, warn};
 
 use crate::kafka::{IngestContext, PartitionKey};
 use crate::locked;
-use crate::sink::{classify, ClickHouseSink, InsertError};
+use crate::sink::{classify, ClickHouseError, ClickHouseSink};
 
 /// A flush's claim on its partitions: the assignment each belonged to when the flush started. A
 /// partition revoked since (even if assigned back) is no longer held: its messages are read
@@ -208,7 +208,7 @@ impl Fencing {
         &self,
         rows: Vec<AuditEventRow>,
         claim: Option<&Claim>,
-    ) -> Result<Split, InsertError> {
+    ) -> Result<Split, ClickHouseError> {
         let epoch = |key: &PartitionKey| claim.and_then(|c| c.epoch(key));
         let partitions: BTreeSet<PartitionKey> = rows
             .iter()
@@ -261,7 +261,7 @@ impl Fencing {
     async fn read_fences(
         &self,
         partitions: &[PartitionKey],
-    ) -> Result<HashMap<PartitionKey, i64>, InsertError> {
+    ) -> Result<HashMap<PartitionKey, i64>, ClickHouseError> {
         let condition =
             vec!["(source_topic = ? AND source_partition = ?)"; partitions.len()].join(" OR ");
         let mut query = self.sink.client().query(&format!(
@@ -276,7 +276,7 @@ impl Fencing {
     }
 
     /// Records, before an insert of `rows`, the highest offset it may store per partition.
-    pub async fn write_intents(&self, rows: &[AuditEventRow]) -> Result<(), InsertError> {
+    pub async fn write_intents(&self, rows: &[AuditEventRow]) -> Result<(), ClickHouseError> {
         let mut highs: BTreeMap<(&str, i32), i64> = BTreeMap::new();
         for row in rows {
             let high = highs
@@ -319,7 +319,7 @@ impl Fencing {
     pub async fn stored(
         &self,
         rows: &[AuditEventRow],
-    ) -> Result<HashSet<StoredPosition>, InsertError> {
+    ) -> Result<HashSet<StoredPosition>, ClickHouseError> {
         let mut found = HashSet::new();
         let scope = Scope::of(rows);
         for organizations in scope.organizations.chunks(ORGANIZATIONS_PER_STATEMENT) {
@@ -341,7 +341,7 @@ impl Fencing {
     /// `audit_events` holds and the copy lacks: an insert cut short after the events table was
     /// written and before its views were leaves them out, and the skip rule will not insert
     /// the events again.
-    pub async fn fill_copies(&self, stored: &[AuditEventRow]) -> Result<(), InsertError> {
+    pub async fn fill_copies(&self, stored: &[AuditEventRow]) -> Result<(), ClickHouseError> {
         if stored.is_empty() {
             return Ok(());
         }

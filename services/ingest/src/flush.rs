@@ -19,7 +19,7 @@ use crate::duplicates::DuplicateWatch;
 use crate::fence::{partition_stored, report_skipped, Claim, Fencing, Split};
 use crate::kafka::PartitionKey;
 use crate::metrics::IngestMetrics;
-use crate::sink::{ClickHouseSink, InsertError};
+use crate::sink::{ClickHouseError, ClickHouseSink};
 
 /// A flush that cannot complete: the service must stop without committing.
 #[derive(Debug, thiserror::Error)]
@@ -27,9 +27,9 @@ pub enum FlushError {
     #[error("cannot produce to the dead-letter topic: {0}")]
     DeadLetter(#[source] KafkaError),
     #[error("the directory projection could not be written: {0}")]
-    Directory(#[source] InsertError),
+    Directory(#[source] ClickHouseError),
     #[error("cannot read or write what is stored already (the ingest's fences): {0}")]
-    Fence(#[source] InsertError),
+    Fence(#[source] ClickHouseError),
 }
 
 /// What a completed flush made durable.
@@ -55,7 +55,7 @@ pub struct Flusher {
 #[derive(Default)]
 struct Stored {
     inserted: Vec<AuditEventRow>,
-    rejected: Vec<(AuditEventRow, InsertError)>,
+    rejected: Vec<(AuditEventRow, ClickHouseError)>,
     /// Found stored already (re-delivered), not inserted again.
     skipped: usize,
     /// Of partitions revoked during the flush: left to their new owner.
@@ -74,7 +74,7 @@ fn stamp(rows: &mut [AuditEventRow]) {
 
 /// The dead letter of a row ClickHouse rejected: the row as it was to be stored stands in for
 /// the original bytes, which are gone by now.
-fn rejected_row((row, error): &(AuditEventRow, InsertError)) -> DeadLetter {
+fn rejected_row((row, error): &(AuditEventRow, ClickHouseError)) -> DeadLetter {
     DeadLetter {
         key: Some(row.id.clone().into_bytes()),
         payload: serde_json::to_vec(row).ok(),
@@ -285,7 +285,7 @@ impl Flusher {
         mut rows: Vec<AuditEventRow>,
         claim: Option<&Claim>,
         stored: &mut Stored,
-    ) -> Result<Result<(), (Vec<AuditEventRow>, InsertError)>, FlushError> {
+    ) -> Result<Result<(), (Vec<AuditEventRow>, ClickHouseError)>, FlushError> {
         let mut delays = backon::BackoffBuilder::build(self.sink.retry().backoff());
         loop {
             if let Some(claim) = claim {

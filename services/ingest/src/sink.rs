@@ -8,30 +8,31 @@ use audit_store::clickhouse::{self, RowOwned, RowWrite};
 use crate::metrics::IngestMetrics;
 use crate::retry::Retry;
 
-/// Why an insert failed.
+/// Why a ClickHouse request of the ingest failed: an insert, or a read (the directory's
+/// look-ups, the fences).
 #[derive(Debug, thiserror::Error)]
-pub enum InsertError {
+pub enum ClickHouseError {
     /// ClickHouse refused the data (type, parse or size errors): retrying cannot help.
     #[error("clickhouse rejected the data: {0}")]
     Rejected(String),
     /// Network, server down, overload, timeouts: retry with back-off.
-    #[error("clickhouse insert failed: {0}")]
+    #[error("clickhouse request failed: {0}")]
     Transient(String),
 }
 
-impl InsertError {
+impl ClickHouseError {
     pub fn is_transient(&self) -> bool {
-        matches!(self, InsertError::Transient(_))
+        matches!(self, ClickHouseError::Transient(_))
     }
 }
 
 /// What a failed ClickHouse request means for the ingest (see [`audit_store::classify`]): a
 /// rejection of the data goes to the dead-letter topic, everything else is retried.
-pub fn classify(error: &clickhouse::error::Error) -> InsertError {
+pub fn classify(error: &clickhouse::error::Error) -> ClickHouseError {
     let text = error.to_string();
     match audit_store::classify(error) {
-        audit_store::Failure::Rejected => InsertError::Rejected(text),
-        _ => InsertError::Transient(text),
+        audit_store::Failure::Rejected => ClickHouseError::Rejected(text),
+        _ => ClickHouseError::Transient(text),
     }
 }
 
@@ -70,7 +71,7 @@ impl ClickHouseSink {
     }
 
     /// One insert, no retry.
-    pub async fn insert_once<T>(&self, table: &str, rows: &[T]) -> Result<(), InsertError>
+    pub async fn insert_once<T>(&self, table: &str, rows: &[T]) -> Result<(), ClickHouseError>
     where
         T: RowOwned + RowWrite,
     {
@@ -101,7 +102,7 @@ impl ClickHouseSink {
 
     /// Inserts until ClickHouse acknowledges or rejects the data; transient failures are retried
     /// for ever (the caller cancels on shutdown).
-    pub async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<(), InsertError>
+    pub async fn insert<T>(&self, table: &str, rows: &[T]) -> Result<(), ClickHouseError>
     where
         T: RowOwned + RowWrite,
     {
@@ -118,12 +119,12 @@ impl ClickHouseSink {
         &self,
         label: &str,
         operation: impl FnMut() -> Fut,
-    ) -> Result<T, InsertError>
+    ) -> Result<T, ClickHouseError>
     where
-        Fut: std::future::Future<Output = Result<T, InsertError>>,
+        Fut: std::future::Future<Output = Result<T, ClickHouseError>>,
     {
         self.retry
-            .run(label, operation, InsertError::is_transient)
+            .run(label, operation, ClickHouseError::is_transient)
             .await
     }
 

@@ -34,9 +34,8 @@ pub async fn list(
     request: RequestInfo,
     query: AuditLogQuery,
 ) -> Result<Response, ApiError> {
-    let org = caller.organization_id.as_str();
     let page = PageRequest {
-        organization_id: org,
+        organization_id: caller.organization_id.as_str(),
         filters: &query.filters,
         sort: query.sort,
         limit: query.limit,
@@ -45,39 +44,22 @@ pub async fn list(
     };
     let json = matches!(query.format, PageFormat::Json);
     let read = state.store.page(&page, json).await?;
-    let (total, exact) = (read.total, read.total_exact);
-    let keys = read.keys;
-    let items = read.items;
-    let next_cursor =
-        read.more
-            .then(|| keys.last().cloned())
-            .flatten()
-            .map(|(occurred_at_ms, id)| {
-                Cursor {
-                    sort: query.sort,
-                    occurred_at_ms,
-                    id,
-                    filters: query.filters.fingerprint(query.sort),
-                }
-                .encode()
-            });
-    let mut response = match items {
-        Some(items) => {
-            let body = PageBody {
-                total,
-                limit: query.limit,
-                offset: if query.cursor.is_some() {
-                    0
-                } else {
-                    query.offset
-                },
-                next_cursor,
-                items,
-            };
-            Json(body).into_response()
-        }
+    let next_cursor = next_cursor(&query, read.more, &read.keys);
+    let mut response = match read.items {
+        Some(items) => Json(PageBody {
+            total: read.total,
+            limit: query.limit,
+            offset: if query.cursor.is_some() {
+                0
+            } else {
+                query.offset
+            },
+            next_cursor,
+            items,
+        })
+        .into_response(),
         None => {
-            let cursor = state.store.page_rows_cursor(&page, &keys)?;
+            let cursor = state.store.page_rows_cursor(&page, &read.keys)?;
             let body = stream::start(cursor, BodyFormat::Csv, state.metrics.clone()).await?;
             let mut headers = download_headers(&query.filters, BodyFormat::Csv);
             if let Some(cursor) = next_cursor.and_then(|c| HeaderValue::from_str(&c).ok()) {
@@ -86,24 +68,43 @@ pub async fn list(
             (headers, body).into_response()
         }
     };
-    let headers = response.headers_mut();
+    total_headers(response.headers_mut(), read.total, read.total_exact);
+    freshness_headers(&state, response.headers_mut());
+    let format = query.format.label();
+    response.extensions_mut().insert(ResponseFormat(format));
+    let facts = read_facts(
+        &caller,
+        &query.filters,
+        &request,
+        "audit_log.viewed",
+        format,
+    );
+    state.read_events.publish(&facts);
+    Ok(response)
+}
+
+/// The cursor of the page after this one, when events follow: it starts after the page's last
+/// key and only fits the same filters and sort.
+fn next_cursor(query: &AuditLogQuery, more: bool, keys: &[(i64, String)]) -> Option<String> {
+    let (occurred_at_ms, id) = keys.last().filter(|_| more)?.clone();
+    Some(
+        Cursor {
+            sort: query.sort,
+            occurred_at_ms,
+            id,
+            filters: query.filters.fingerprint(query.sort),
+        }
+        .encode(),
+    )
+}
+
+/// `X-Total-Count` and whether it is exact, on JSON and CSV pages alike.
+fn total_headers(headers: &mut HeaderMap, total: u64, exact: bool) {
     headers.insert("x-total-count", HeaderValue::from(total));
     headers.insert(
         "x-total-count-exact",
         HeaderValue::from_static(if exact { "true" } else { "false" }),
     );
-    freshness_headers(&state, response.headers_mut());
-    response
-        .extensions_mut()
-        .insert(ResponseFormat(query.format.label()));
-    state.read_events.publish(&read_facts(
-        &caller,
-        &query.filters,
-        &request,
-        "audit_log.viewed",
-        query.format.label(),
-    ));
-    Ok(response)
 }
 
 /// `Content-Type` of `format` and `Content-Disposition: attachment;

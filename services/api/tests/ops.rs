@@ -40,6 +40,30 @@ async fn freshness_and_request_ids_come_with_every_answer() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // A caller's plain request id is kept and echoed; anything else is replaced by a new one.
+    let url = api.url("/api/v1/organization/audit-logs", "limit=1");
+    for (sent, kept) in [
+        ("trace-42_a.b", true),
+        ("has space", false),
+        ("<script>", false),
+        (&"x".repeat(129)[..], false),
+    ] {
+        let response = api
+            .http
+            .get(&url)
+            .header("X-API-Key", &key)
+            .header("x-request-id", sent)
+            .send()
+            .await
+            .unwrap();
+        let echoed = response.headers()["x-request-id"].to_str().unwrap();
+        if kept {
+            assert_eq!(echoed, sent);
+        } else {
+            assert_ne!(echoed, sent);
+            assert!(uuid::Uuid::parse_str(echoed).is_ok(), "{echoed}");
+        }
+    }
     let metrics = api.metrics().await;
     assert!(metrics.contains("audit_api_requests_total{format=\"json\",route=\"/api/v1/organization/audit-logs\",status=\"200\"}"));
     api.stop().await;

@@ -11,11 +11,12 @@ use std::time::Instant;
 
 use axum::extract::{ConnectInfo, FromRequestParts, MatchedPath, Request, State};
 use axum::http::request::Parts;
-use axum::http::{header, HeaderMap, HeaderValue};
+use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
 use axum::routing::get;
 use axum::Router;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use tracing::Span;
 
@@ -42,6 +43,10 @@ pub fn router(state: AppState) -> Router {
         .route("/openapi.json", get(ops::openapi))
         .fallback(|| async { ApiError::NotFound })
         .layer(middleware::from_fn_with_state(state.clone(), observe))
+        // Every request has an id (the caller's, when it sent a sane one), echoed in the answer.
+        .layer(PropagateRequestIdLayer::new(request_id_header()))
+        .layer(SetRequestIdLayer::new(request_id_header(), MakeRequestUuid))
+        .layer(middleware::map_request(drop_unsafe_request_id))
         .layer(
             // Method and path only: query strings may hold emails, headers hold keys.
             TraceLayer::new_for_http().make_span_with(|request: &Request| {
@@ -68,19 +73,17 @@ pub struct RequestInfo {
     pub user_agent: Option<String>,
 }
 
-#[derive(Debug, Clone)]
-struct RequestId(String);
-
 impl<S: Send + Sync> FromRequestParts<S> for RequestInfo {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, ApiError> {
         Ok(RequestInfo {
             request_id: parts
-                .extensions
-                .get::<RequestId>()
-                .map(|r| r.0.clone())
-                .unwrap_or_default(),
+                .headers
+                .get(REQUEST_ID_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or_default()
+                .to_owned(),
             ip: parts
                 .extensions
                 .get::<ConnectInfo<SocketAddr>>()
@@ -141,34 +144,45 @@ pub fn freshness_headers(state: &AppState, headers: &mut HeaderMap) {
     }
 }
 
-/// A request id (the caller's, when it sent a sane one), metrics by route, status and format.
-async fn observe(State(state): State<AppState>, mut request: Request, next: Next) -> Response {
+fn request_id_header() -> HeaderName {
+    HeaderName::from_static(REQUEST_ID_HEADER)
+}
+
+/// A caller's request id is kept only when it is short and plain (it goes into logs and
+/// traces); otherwise a new one is made.
+async fn drop_unsafe_request_id(mut request: Request) -> Request {
+    let sane = request
+        .headers()
+        .get(REQUEST_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            !v.is_empty()
+                && v.len() <= 128
+                && v.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+        });
+    if !sane {
+        request.headers_mut().remove(REQUEST_ID_HEADER);
+    }
+    request
+}
+
+/// The request's id in its span; metrics by route, status and format.
+async fn observe(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
     let route = request
         .extensions()
         .get::<MatchedPath>()
         .map(|p| p.as_str().to_owned())
         .unwrap_or_else(|| "unmatched".to_owned());
-    let request_id = request
+    if let Some(id) = request
         .headers()
         .get(REQUEST_ID_HEADER)
         .and_then(|v| v.to_str().ok())
-        .filter(|v| {
-            !v.is_empty()
-                && v.len() <= 128
-                && v.bytes()
-                    .all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-        })
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
-    Span::current().record("request_id", request_id.as_str());
-    request
-        .extensions_mut()
-        .insert(RequestId(request_id.clone()));
-    let mut response = next.run(request).await;
-    if let Ok(value) = HeaderValue::from_str(&request_id) {
-        response.headers_mut().insert(REQUEST_ID_HEADER, value);
+    {
+        Span::current().record("request_id", id);
     }
+    let response = next.run(request).await;
     let format = response
         .extensions()
         .get::<ResponseFormat>()

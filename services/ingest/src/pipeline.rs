@@ -22,22 +22,17 @@ use crate::config::{BatchConfig, DeadLetterConfig};
 use crate::fence::Claim;
 use crate::flow::FlowControl;
 use crate::flush::{FlushError, FlushedBatch, Flusher};
+use crate::invalid_ratio::{InvalidRatioGuard, TooManyInvalid};
 use crate::kafka::{IngestConsumer, PartitionKey};
 use crate::liveness::LivenessState;
 use crate::metrics::IngestMetrics;
+use crate::offsets::{DurableOffsets, COMMIT_RETRY_EVERY};
 
 /// Why the consume loop stopped other than by a shutdown request.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error(
-        "stopping: {invalid} of the last {window} messages were invalid (limit {limit:.0}%); \
-         a producer is probably publishing a broken format, see the dead-letter topic"
-    )]
-    InvalidRatio {
-        invalid: u64,
-        window: u64,
-        limit: f64,
-    },
+    #[error(transparent)]
+    InvalidRatio(#[from] TooManyInvalid),
     #[error(transparent)]
     Flush(#[from] FlushError),
     #[error("a flush task failed: {0}")]
@@ -48,47 +43,6 @@ pub enum PipelineError {
         #[source]
         source: rdkafka::error::KafkaError,
     },
-}
-
-/// Stops the service when too many messages in a window are invalid.
-#[derive(Debug)]
-pub struct InvalidRatioGuard {
-    window: u64,
-    limit: f64,
-    seen: u64,
-    invalid: u64,
-}
-
-impl InvalidRatioGuard {
-    pub fn new(config: &DeadLetterConfig) -> Self {
-        Self {
-            window: config.window_messages,
-            limit: config.max_invalid_ratio,
-            seen: 0,
-            invalid: 0,
-        }
-    }
-
-    /// Records one message; errors once the window's invalid share passes the limit.
-    pub fn record(&mut self, valid: bool) -> Result<(), PipelineError> {
-        self.seen += 1;
-        if !valid {
-            self.invalid += 1;
-        }
-        // Tripping early is fine: the window can only get worse than this.
-        if self.invalid as f64 > self.limit * self.window as f64 {
-            return Err(PipelineError::InvalidRatio {
-                invalid: self.invalid,
-                window: self.seen,
-                limit: self.limit * 100.0,
-            });
-        }
-        if self.seen >= self.window {
-            self.seen = 0;
-            self.invalid = 0;
-        }
-        Ok(())
-    }
 }
 
 pub struct Pipeline {
@@ -501,55 +455,6 @@ impl Pipeline {
     }
 }
 
-/// How often a failed offset commit is tried again (while commits keep failing, e.g. during a
-/// rebalance).
-const COMMIT_RETRY_EVERY: Duration = Duration::from_secs(1);
-
-/// The offsets this member made durable, per partition it owns, and whether a commit of them
-/// failed. A commit that fails (during a rebalance, say) is tried again with them, also when no
-/// more messages arrive on the partition to carry a later commit: otherwise the committed
-/// offset stays behind for good, every lag monitor shows lag that is not there, and a restart
-/// reads the events again.
-#[derive(Debug, Default)]
-struct DurableOffsets {
-    next: BTreeMap<PartitionKey, i64>,
-    retry: bool,
-    last_retry: Option<Instant>,
-}
-
-impl DurableOffsets {
-    fn record(&mut self, next_offsets: &BTreeMap<PartitionKey, i64>) {
-        for (key, next) in next_offsets {
-            let entry = self.next.entry(key.clone()).or_insert(*next);
-            *entry = (*entry).max(*next);
-        }
-    }
-
-    fn forget(&mut self, revoked: &BTreeSet<PartitionKey>) {
-        self.next.retain(|key, _| !revoked.contains(key));
-    }
-
-    /// Whether anything could need committing again: the loop wakes up for it.
-    fn watching(&self) -> bool {
-        self.retry || !self.next.is_empty()
-    }
-
-    /// The offsets to commit again now: after a failure, at most once per
-    /// `COMMIT_RETRY_EVERY`.
-    fn due(&mut self, failed: bool, now: Instant) -> Option<&BTreeMap<PartitionKey, i64>> {
-        self.retry |= failed;
-        let too_soon = self
-            .last_retry
-            .is_some_and(|at| now < at + COMMIT_RETRY_EVERY);
-        if !self.retry || too_soon || self.next.is_empty() {
-            return None;
-        }
-        self.retry = false;
-        self.last_retry = Some(now);
-        Some(&self.next)
-    }
-}
-
 /// Whether a consumer error means that a fetched record batch cannot be decoded.
 fn is_undecodable(err: &KafkaError) -> bool {
     matches!(
@@ -586,76 +491,6 @@ mod tests {
             RDKafkaErrorCode::UnknownTopicOrPartition,
         ] {
             assert!(!is_undecodable(&KafkaError::MessageConsumption(code)));
-        }
-    }
-
-    fn guard(limit: f64, window: u64) -> InvalidRatioGuard {
-        InvalidRatioGuard::new(&DeadLetterConfig {
-            topic: "dlq".to_owned(),
-            max_invalid_ratio: limit,
-            window_messages: window,
-        })
-    }
-
-    fn offsets(entries: &[(&str, i32, i64)]) -> BTreeMap<PartitionKey, i64> {
-        entries
-            .iter()
-            .map(|(t, p, o)| (((*t).to_owned(), *p), *o))
-            .collect()
-    }
-
-    #[test]
-    fn a_failed_commit_is_retried_once_per_interval_with_the_highest_durable_offsets() {
-        let mut durable = DurableOffsets::default();
-        let t0 = Instant::now();
-        assert!(durable.due(false, t0).is_none(), "nothing to commit");
-        durable.record(&offsets(&[("a", 0, 10), ("a", 1, 5)]));
-        durable.record(&offsets(&[("a", 0, 20)]));
-        assert!(durable.due(false, t0).is_none(), "no failure, no retry");
-        assert_eq!(
-            durable.due(true, t0),
-            Some(&offsets(&[("a", 0, 20), ("a", 1, 5)]))
-        );
-        // It failed again at once: the next try waits for the interval.
-        assert!(durable.due(true, t0 + Duration::from_millis(10)).is_none());
-        assert!(durable
-            .due(false, t0 + COMMIT_RETRY_EVERY - Duration::from_millis(1))
-            .is_none());
-        assert!(durable.due(false, t0 + COMMIT_RETRY_EVERY).is_some());
-        assert!(
-            durable.due(false, t0 + COMMIT_RETRY_EVERY * 3).is_none(),
-            "done"
-        );
-    }
-
-    #[test]
-    fn revoked_partitions_are_not_committed_again() {
-        let mut durable = DurableOffsets::default();
-        durable.record(&offsets(&[("a", 0, 10), ("a", 1, 5)]));
-        durable.forget(&BTreeSet::from([("a".to_owned(), 0)]));
-        assert_eq!(
-            durable.due(true, Instant::now()),
-            Some(&offsets(&[("a", 1, 5)]))
-        );
-        durable.forget(&BTreeSet::from([("a".to_owned(), 1)]));
-        assert!(!durable.watching());
-    }
-
-    #[test]
-    fn trips_when_the_window_has_too_many_invalid_messages() {
-        let mut g = guard(0.5, 10);
-        for _ in 0..5 {
-            g.record(false).unwrap();
-        }
-        let err = g.record(false).unwrap_err();
-        assert!(err.to_string().contains("6 of the last 6"), "{err}");
-    }
-
-    #[test]
-    fn a_trickle_of_invalid_messages_never_trips() {
-        let mut g = guard(0.1, 100);
-        for i in 0..10_000 {
-            g.record(i % 20 != 0).unwrap();
         }
     }
 }

@@ -6,7 +6,6 @@
 use std::time::Duration;
 
 use audit_runtime::kafka::LoggingContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use serde_json::json;
 use tracing::warn;
@@ -42,13 +41,10 @@ impl ReadEventPublisher {
         metrics: ApiMetrics,
     ) -> Result<Self, rdkafka::error::KafkaError> {
         let producer = if config.enabled {
-            let mut client = ClientConfig::new();
-            client
-                .set("enable.idempotence", "true")
-                .set("linger.ms", "20")
-                .set("message.timeout.ms", "60000");
-            config.connection().apply(&mut client);
-            Some(client.create_with_context(LoggingContext::default())?)
+            Some(audit_runtime::kafka::idempotent_producer(
+                &config.connection(),
+                &[("linger.ms", "20"), ("message.timeout.ms", "60000")],
+            )?)
         } else {
             None
         };

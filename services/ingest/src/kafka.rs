@@ -195,22 +195,13 @@ impl ConsumerContext for IngestContext {
 
 pub type IngestConsumer = StreamConsumer<IngestContext>;
 
-/// Builds a client configuration: our defaults, then the operator's `kafka.properties`, then the
-/// settings the delivery guarantee depends on (which validation forbids overriding).
+/// A client configuration of `config` (see [`audit_runtime::kafka::client_config`]).
 fn client_config(
     config: &KafkaConfig,
     defaults: &[(&str, &str)],
     managed: &[(&str, &str)],
 ) -> ClientConfig {
-    let mut client = ClientConfig::new();
-    for (key, value) in defaults {
-        client.set(*key, *value);
-    }
-    config.connection().apply(&mut client);
-    for (key, value) in managed {
-        client.set(*key, *value);
-    }
-    client
+    audit_runtime::kafka::client_config(&config.connection(), defaults, managed)
 }
 
 /// How a consumer takes part in its group.
@@ -268,12 +259,10 @@ pub fn consumer(
 
 /// The dead-letter producer: idempotent, every write acknowledged by all in-sync replicas.
 pub fn producer(config: &KafkaConfig) -> KafkaResult<DeadLetterClient> {
-    client_config(
-        config,
+    audit_runtime::kafka::idempotent_producer(
+        &config.connection(),
         &[("message.max.bytes", "4194304"), ("linger.ms", "5")],
-        &[("enable.idempotence", "true"), ("acks", "all")],
     )
-    .create_with_context(LoggingContext::default())
 }
 
 /// How long the start-up probe waits for brokers that do not answer before starting anyway.

@@ -513,6 +513,39 @@ impl ProducerContext for LoggingContext {
     fn delivery(&self, _result: &DeliveryResult<'_>, _opaque: Self::DeliveryOpaque) {}
 }
 
+/// A client configuration: the service's `defaults`, then the connection's own settings and the
+/// operator's `properties` (which may override the defaults), then the settings a guarantee
+/// depends on (`managed`, which validation forbids overriding).
+pub fn client_config(
+    connection: &Connection<'_>,
+    defaults: &[(&str, &str)],
+    managed: &[(&str, &str)],
+) -> ClientConfig {
+    let mut client = ClientConfig::new();
+    for (key, value) in defaults {
+        client.set(*key, *value);
+    }
+    connection.apply(&mut client);
+    for (key, value) in managed {
+        client.set(*key, *value);
+    }
+    client
+}
+
+/// The services' producers (the ingest's dead letters, the API's read events): idempotent,
+/// every write acknowledged by all in-sync replicas, librdkafka's log in `tracing`.
+pub fn idempotent_producer(
+    connection: &Connection<'_>,
+    defaults: &[(&str, &str)],
+) -> Result<rdkafka::producer::FutureProducer<LoggingContext>, KafkaError> {
+    client_config(
+        connection,
+        defaults,
+        &[("enable.idempotence", "true"), ("acks", "all")],
+    )
+    .create_with_context(LoggingContext::default())
+}
+
 /// Connects with `connection`'s settings (a client of its own, dropped afterwards) until the
 /// brokers answer a metadata request, for at most `wait`. Fails at once, naming the cause, when
 /// librdkafka reports that the TLS or SASL settings are wrong (a wrong CA, a wrong password, an

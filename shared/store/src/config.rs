@@ -150,6 +150,13 @@ impl ClickHouseConfig {
                 // repair: `NOT IN (SELECT ... FROM <copy>)`) reads each shard's own table: the
                 // rows it compares are of one event, all on one shard (`SHARD_KEY`).
                 .with_setting("distributed_product_mode", "local")
+                // Reads and inserts reach the first healthy replica of each shard, in the
+                // order of `remote_servers`: a read after an insert (the ingest's duplicate
+                // check, its fence look-ups after a takeover) sees what the insert stored.
+                // With the default (`random`) it may reach a replica that has not fetched the
+                // part yet (a CI run's check found 44 of 100 copies). The price: the other
+                // replicas serve only when the first fails.
+                .with_setting("load_balancing", "in_order")
         }
     }
 

@@ -19,11 +19,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let app = Application::build(config)
                 .await
                 .context("starting audit-api")?;
-            let shutdown = app.shutdown_token();
-            tokio::spawn(async move {
-                audit_runtime::shutdown::signal().await;
-                shutdown.cancel();
-            });
+            audit_runtime::shutdown::cancel_on_signal(app.shutdown_token());
             app.run().await.context("audit-api stopped")?;
         }
         Command::Migrate => {

@@ -24,21 +24,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             let app = Application::build(config)
                 .await
                 .context("starting audit-ingest")?;
-            let shutdown = app.shutdown_token();
-            tokio::spawn(async move {
-                audit_runtime::shutdown::signal().await;
-                shutdown.cancel();
-            });
+            audit_runtime::shutdown::cancel_on_signal(app.shutdown_token());
             app.run().await.context("audit-ingest stopped")?;
         }
         Command::Replay(args) => {
             let range = replay_range(args, &config)?;
             let stop = tokio_util::sync::CancellationToken::new();
-            let on_signal = stop.clone();
-            tokio::spawn(async move {
-                audit_runtime::shutdown::signal().await;
-                on_signal.cancel();
-            });
+            audit_runtime::shutdown::cancel_on_signal(stop.clone());
             let summary = audit_ingest::replay::replay(&config, &range.0, range.1, stop)
                 .await
                 .context("replay failed")?;

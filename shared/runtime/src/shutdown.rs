@@ -1,4 +1,4 @@
-//! SIGTERM / SIGINT as a future, so both services stop the same way.
+//! SIGTERM / SIGINT as a future (and as a cancelled token), so both services stop the same way.
 
 /// Resolves on the first SIGTERM or SIGINT (Ctrl-C).
 pub async fn signal() {
@@ -26,4 +26,13 @@ pub async fn signal() {
         _ = ctrl_c => tracing::info!(signal = "SIGINT", "shutdown requested"),
         _ = terminate => tracing::info!(signal = "SIGTERM", "shutdown requested"),
     }
+}
+
+/// Cancels `token` on the first SIGTERM or SIGINT: how both services turn a signal into their
+/// orderly stop.
+pub fn cancel_on_signal(token: tokio_util::sync::CancellationToken) {
+    tokio::spawn(async move {
+        signal().await;
+        token.cancel();
+    });
 }

@@ -1,6 +1,9 @@
 //! The query string of the audit-log endpoints, parsed and validated into an [`AuditLogQuery`].
 //! Unknown and repeated parameters are refused: a misspelt filter must not silently widen an
 //! audit export to every event.
+//!
+//! Longer than most modules: the rules of every parameter of the published contract, side by
+//! side, with their tests.
 
 use std::collections::BTreeSet;
 

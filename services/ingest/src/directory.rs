@@ -1,6 +1,9 @@
 //! The directory projection: the latest known email of each user and name of each team, per
 //! organization, folded from the events themselves and stored in ClickHouse. Used to fill
 //! `actor.email`, `affectedUser.email` and a team's `resource.name` when a producer sent ids only.
+//!
+//! Longer than most modules: the cache, its look-ups and the table it folds into are one
+//! projection.
 
 use std::collections::{HashMap, HashSet};
 use std::num::NonZeroUsize;

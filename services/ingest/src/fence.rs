@@ -17,6 +17,9 @@
 //! it. What remains is an insert already sent when the partition moved that lands after the
 //! new owner looked its rows up: the duplicate check after insert finds such a copy
 //! ([`crate::duplicates`]) and it is collapsed like an upstream duplicate.
+//!
+//! Longer than most modules: exactly once across takeovers (fences, intents, look-ups and the
+//! copy repair) is one protocol, read best in one place.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::{Arc, Mutex};

@@ -7,6 +7,9 @@
 //! replica stuck: `/healthz` fails, so that Kubernetes restarts the pod, and the reason is logged
 //! at `error`. While Kafka or ClickHouse does not answer the replica is waiting, not stuck: a
 //! restart would not help, `/readyz` says what it waits for, and the stall clock stops.
+//!
+//! Longer than most modules: the watchdog's verdicts are one state machine, kept whole with the
+//! partition-by-partition evidence they read.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -1,7 +1,11 @@
 //! The consume loop: Kafka -> decode -> batch -> flush -> commit. When to flush, stop taking
 //! messages, pause and resume is decided by [`crate::flow::FlowControl`]; after every rebalance
-//! the loop's pause state is applied to the new assignment. Offsets are committed only after their flush, in order, so a
-//! committed offset never passes an event ClickHouse has not acknowledged.
+//! the loop's pause state is applied to the new assignment. Offsets are committed only after
+//! their flush, in order, so a committed offset never passes an event ClickHouse has not
+//! acknowledged.
+//!
+//! Longer than most modules: the loop, its commits and its orderly or failed shutdown share its
+//! state; the decisions that need none of it are in `flow`, `offsets` and `invalid_ratio`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::sync::Arc;

@@ -2,6 +2,9 @@
 //! (TLS, SASL, OAUTHBEARER), the operator's extra librdkafka properties, the SASL password kept
 //! apart so that it can live in a secret, and a start-up probe that turns a wrong CA or a wrong
 //! password into an error naming the cause instead of an endless reconnect loop.
+//!
+//! Longer than most modules: every security protocol and SASL mechanism, their validation and
+//! the probe belong together (one set of settings, checked once, applied to every client).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

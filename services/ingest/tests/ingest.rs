@@ -263,19 +263,14 @@ async fn sigterm_flushes_a_partial_batch_and_commits_it() {
     ingest.wait_ready(READY).await;
     let events = generate_events("term", 7);
     publish(&env, &producer(), &events).await;
-    let deadline = std::time::Instant::now() + ARRIVE;
-    while metric_sum(
-        &ingest.metrics().await,
-        "audit_ingest_events_consumed_total",
-    ) < 7.0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not consumed:\n{}",
-            ingest.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    ingest
+        .wait_for_metric(
+            "audit_ingest_events_consumed_total",
+            7.0,
+            ARRIVE,
+            "not consumed",
+        )
+        .await;
     assert_eq!(env.visible_count().await, 0, "flushed before its age");
 
     let stopping = std::time::Instant::now();
@@ -840,19 +835,14 @@ async fn copies_of_upstream_duplicates_are_found_and_collapsed() {
     }
     assert_eq!(stored().await, 450, "every copy stored (merges stopped)");
     // Every copy found: a copy still there at the next check is counted again.
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while metric_sum(
-        &ingest.metrics().await,
-        "audit_ingest_duplicate_rows_found_total",
-    ) < 150.0
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the checks found fewer than 150 copies within 20 s:\n{}",
-            ingest.logs()
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    ingest
+        .wait_for_metric(
+            "audit_ingest_duplicate_rows_found_total",
+            150.0,
+            Duration::from_secs(20),
+            "the checks found fewer than 150 copies",
+        )
+        .await;
 
     merges("START").await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);

@@ -448,6 +448,20 @@ impl IngestProcess {
         reqwest::get(&url).await.unwrap().text().await.unwrap()
     }
 
+    /// Waits until the metric `name` (summed over its labels) reaches `at_least`, failing with
+    /// `what` and the process's log after `limit`.
+    pub async fn wait_for_metric(&self, name: &str, at_least: f64, limit: Duration, what: &str) {
+        let deadline = Instant::now() + limit;
+        while metric_sum(&self.metrics().await, name) < at_least {
+            assert!(
+                Instant::now() < deadline,
+                "{what} within {limit:?}:\n{}",
+                self.logs()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     pub fn signal(&self, signal: nix::sys::signal::Signal) {
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.child.id() as i32), signal).unwrap();
     }

@@ -42,12 +42,14 @@ KAFKA_LIB="$AUDIT_STATE_DIR/kafka-$AUDIT_KAFKA_VERSION/lib"
 TLS_DIR="$AUDIT_STATE_DIR/tls"
 
 # Topics the services use, the shell's one copy of the names in `audit_event::topics`: the
-# identity topics upstream publishes to, the ingest's dead letters, the API's read events.
+# identity topics upstream publishes to, the ingest's dead letters, the API's read events, the
+# stored events (what log streams deliver).
 AUDIT_IDENTITY_TOPICS="identity.users.v1 identity.teams.v1 identity.auth.v1"
 AUDIT_DEAD_LETTER_TOPIC="audit.dlq.v1"
 AUDIT_READS_TOPIC="audit.reads.v1"
+AUDIT_STORED_TOPIC="audit.stored.v1"
 # What the stack creates: name:partitions.
-AUDIT_TOPICS="${AUDIT_TOPICS:-$(printf '%s:6 ' $AUDIT_IDENTITY_TOPICS)$AUDIT_DEAD_LETTER_TOPIC:3 $AUDIT_READS_TOPIC:3}"
+AUDIT_TOPICS="${AUDIT_TOPICS:-$(printf '%s:6 ' $AUDIT_IDENTITY_TOPICS)$AUDIT_DEAD_LETTER_TOPIC:3 $AUDIT_READS_TOPIC:3 $AUDIT_STORED_TOPIC:6}"
 
 export AUDIT_STATE_DIR AUDIT_CLICKHOUSE_HTTP_PORT AUDIT_CLICKHOUSE_TCP_PORT AUDIT_KAFKA_PORT AUDIT_CHDB_VENV
 

@@ -287,14 +287,15 @@ def check_topics(values):
     check(values["ingest"]["topics"] == identity, f"chart ingest.topics {values['ingest']['topics']} != {identity}")
     check(values["ingest"]["deadLetterTopic"] == named["DEAD_LETTERS"], "chart ingest.deadLetterTopic differs from topics::DEAD_LETTERS")
     check(values["api"]["readEvents"]["topic"] == named["READS"], "chart api.readEvents.topic differs from topics::READS")
+    check(values["streams"]["topic"] == named["STORED"], "chart streams.topic differs from topics::STORED")
     shell = subprocess.run(
-        ["bash", "-c", 'source deploy/local/common.sh; echo "$AUDIT_IDENTITY_TOPICS|$AUDIT_DEAD_LETTER_TOPIC|$AUDIT_READS_TOPIC"'],
+        ["bash", "-c", 'source deploy/local/common.sh; echo "$AUDIT_IDENTITY_TOPICS|$AUDIT_DEAD_LETTER_TOPIC|$AUDIT_READS_TOPIC|$AUDIT_STORED_TOPIC"'],
         cwd=ROOT, capture_output=True, text=True, check=True).stdout.strip().split("|")
-    check(shell == [" ".join(identity), named["DEAD_LETTERS"], named["READS"]], f"deploy/local/common.sh topics {shell} differ from topics.rs")
+    check(shell == [" ".join(identity), named["DEAD_LETTERS"], named["READS"], named["STORED"]], f"deploy/local/common.sh topics {shell} differ from topics.rs")
     compose = (ROOT / "deploy/compose/docker-compose.yml").read_text()
     consumed = ",".join(identity + [named["READS"]])
     check(f"AUDIT_INGEST__KAFKA__TOPICS: {consumed}" in compose, f"Compose file's ingest does not consume {consumed}")
-    for name in identity + [named["DEAD_LETTERS"], named["READS"]]:
+    for name in identity + [named["DEAD_LETTERS"], named["READS"], named["STORED"]]:
         check(f"{name}:" in compose, f"Compose file does not create topic {name}")
 
 

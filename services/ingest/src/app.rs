@@ -21,6 +21,7 @@ use crate::metrics::IngestMetrics;
 use crate::pipeline::Pipeline;
 use crate::retry::Retry;
 use crate::sink::ClickHouseSink;
+use crate::stored_events::{StoredEventPublisher, StoredEventsError};
 
 /// Why the service could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -31,6 +32,8 @@ pub enum AppError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error(transparent)]
     KafkaSettings(#[from] audit_runtime::kafka::ProbeError),
+    #[error(transparent)]
+    StoredEvents(#[from] StoredEventsError),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: std::net::SocketAddr,
@@ -60,8 +63,11 @@ pub async fn build_flusher(
         kafka::producer(&config.kafka)?,
         config.dead_letter.topic.clone(),
         metrics.clone(),
-        retry,
+        retry.clone(),
     );
+    let stored_events =
+        StoredEventPublisher::connect(&config.kafka, &config.stored_events, metrics.clone(), retry)
+            .await?;
     let directory = config.directory.enrich.then(|| {
         Directory::new(
             sink.clone(),
@@ -77,6 +83,7 @@ pub async fn build_flusher(
         directory,
         dead_letters,
         metrics: metrics.clone(),
+        stored_events,
     })
 }
 

@@ -21,6 +21,7 @@ pub struct IngestConfig {
     pub clickhouse: ClickHouseConfig,
     pub batch: BatchConfig,
     pub dead_letter: DeadLetterConfig,
+    pub stored_events: StoredEventsConfig,
     pub retry: RetryConfig,
     pub directory: DirectoryConfig,
     pub liveness: LivenessConfig,
@@ -41,6 +42,7 @@ impl Default for IngestConfig {
             clickhouse: ClickHouseConfig::default(),
             batch: BatchConfig::default(),
             dead_letter: DeadLetterConfig::default(),
+            stored_events: StoredEventsConfig::default(),
             retry: RetryConfig::default(),
             directory: DirectoryConfig::default(),
             liveness: LivenessConfig::default(),
@@ -174,6 +176,26 @@ impl Default for DeadLetterConfig {
     }
 }
 
+/// The stored-events topic, which log streams deliver from (README "Log streams").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StoredEventsConfig {
+    /// Publish every stored event (after its insert, before the offsets are committed). Off:
+    /// log streams deliver nothing new.
+    pub enabled: bool,
+    /// Must exist at start-up; its partition count must never change.
+    pub topic: String,
+}
+
+impl Default for StoredEventsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            topic: audit_event::topics::STORED.to_owned(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct RetryConfig {
@@ -271,6 +293,12 @@ impl IngestConfig {
         }
         if self.kafka.topics.is_empty() || self.kafka.topics.iter().any(|t| t.trim().is_empty()) {
             return invalid("kafka.topics must list at least one non-empty topic".to_owned());
+        }
+        if self.stored_events.enabled && self.kafka.topics.contains(&self.stored_events.topic) {
+            return invalid(format!(
+                "stored_events.topic {:?} must not be one of kafka.topics",
+                self.stored_events.topic
+            ));
         }
         if self.kafka.topics.contains(&self.dead_letter.topic) {
             return invalid(format!(

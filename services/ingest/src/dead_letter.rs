@@ -112,7 +112,7 @@ impl DeadLetterProducer {
 }
 
 /// Errors that no retry can fix (the message itself is refused).
-fn is_permanent(err: &KafkaError) -> bool {
+pub(crate) fn is_permanent(err: &KafkaError) -> bool {
     use rdkafka::types::RDKafkaErrorCode as Code;
     matches!(
         err.rdkafka_error_code(),

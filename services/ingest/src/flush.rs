@@ -20,6 +20,7 @@ use crate::fence::{partition_stored, report_skipped, Claim, Fencing, Split};
 use crate::kafka::PartitionKey;
 use crate::metrics::IngestMetrics;
 use crate::sink::{ClickHouseError, ClickHouseSink};
+use crate::stored_events::StoredEventPublisher;
 
 /// A flush that cannot complete: the service must stop without committing.
 #[derive(Debug, thiserror::Error)]
@@ -30,6 +31,8 @@ pub enum FlushError {
     Directory(#[source] ClickHouseError),
     #[error("cannot read or write what is stored already (the ingest's fences): {0}")]
     Fence(#[source] ClickHouseError),
+    #[error("cannot produce to the stored-events topic: {0}")]
+    StoredEvents(#[source] KafkaError),
 }
 
 /// What a completed flush made durable.
@@ -49,6 +52,8 @@ pub struct Flusher {
     pub metrics: IngestMetrics,
     pub fencing: Fencing,
     pub duplicates: std::sync::Arc<DuplicateWatch>,
+    /// None: stored events are not published (`stored_events.enabled = false`).
+    pub stored_events: Option<StoredEventPublisher>,
 }
 
 /// What became of a flush's events.
@@ -57,7 +62,7 @@ struct Stored {
     inserted: Vec<AuditEventRow>,
     rejected: Vec<(AuditEventRow, ClickHouseError)>,
     /// Found stored already (re-delivered), not inserted again.
-    skipped: usize,
+    skipped: Vec<AuditEventRow>,
     /// Of partitions revoked during the flush: left to their new owner.
     released: usize,
     /// Time spent on the fences: reading them, recording intents, looking rows up.
@@ -155,6 +160,28 @@ impl Flusher {
         self.phase("directory_write", started);
 
         let started = Instant::now();
+        if let Some(publisher) = &self.stored_events {
+            // Rows found stored already are published again (their first publication may be
+            // what a crash interrupted), with the new ones in source order.
+            let mut rows: Vec<&AuditEventRow> =
+                stored.inserted.iter().chain(&stored.skipped).collect();
+            if !stored.skipped.is_empty() {
+                rows.sort_by(|a, b| {
+                    (&a.source_topic, a.source_partition, a.source_offset).cmp(&(
+                        &b.source_topic,
+                        b.source_partition,
+                        b.source_offset,
+                    ))
+                });
+            }
+            publisher
+                .publish_all(&rows)
+                .await
+                .map_err(FlushError::StoredEvents)?;
+        }
+        self.phase("stored_events", started);
+
+        let started = Instant::now();
         self.dead_letters
             .send_all(&dead_letters)
             .await
@@ -166,7 +193,7 @@ impl Flusher {
             next_offsets,
             inserted: stored.inserted.len(),
             dead_lettered: dead_letters.len(),
-            skipped: stored.skipped,
+            skipped: stored.skipped.len(),
         })
     }
 
@@ -340,7 +367,7 @@ impl Flusher {
                 .map_err(FlushError::Fence)?;
             self.metrics.already_stored.inc_by(skip.len() as u64);
             report_skipped(skip.len(), looked_up);
-            stored.skipped += skip.len();
+            stored.skipped.extend(skip);
         }
         Ok(insert)
     }

@@ -24,6 +24,7 @@ pub mod pipeline;
 pub mod replay;
 pub mod retry;
 pub mod sink;
+pub mod stored_events;
 
 pub use app::Application;
 

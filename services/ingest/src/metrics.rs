@@ -35,6 +35,7 @@ pub struct IngestMetrics {
     pub last_progress: Gauge,
     pub stalled: prometheus::IntGauge,
     pub already_stored: prometheus::IntCounter,
+    pub stored_published: prometheus::IntCounter,
     pub duplicates_found: prometheus::IntCounter,
     pub duplicate_collapses: prometheus::IntCounter,
     pub duplicate_check_seconds: HistogramVec,
@@ -164,6 +165,10 @@ impl IngestMetrics {
             "Re-delivered events (after a crash, a rebalance, a failed insert attempt or a \
              replay) found stored already and not inserted again.",
         );
+        let stored_published = int_counter(
+            "audit_ingest_stored_events_published_total",
+            "Stored events published to the stored-events topic (what log streams deliver).",
+        );
         let duplicates_found = int_counter(
             "audit_ingest_duplicate_rows_found_total",
             "Surplus rows of events stored more than once, found by the check after insert \
@@ -211,6 +216,7 @@ impl IngestMetrics {
             last_progress,
             stalled,
             already_stored,
+            stored_published,
             duplicates_found,
             duplicate_collapses,
             duplicate_check_seconds,

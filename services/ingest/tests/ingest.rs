@@ -239,6 +239,35 @@ async fn sigkill_mid_batch_loses_nothing_and_shows_nothing_twice() {
     assert_eq!(ids, wanted);
     // Killed replicas left batches stored and not committed; their successors skipped them.
     assert_eq!(no_copies(&env).await, 3000);
+    // And published them again: every stored event is in the stored-events topic, in its
+    // organization's partition; a reader that skips ids it has seen gets each source
+    // partition's events in source order.
+    let published = env.stored_messages();
+    let mut seen: BTreeSet<String> = BTreeSet::new();
+    let mut last: BTreeMap<(i32, String, i32), i64> = BTreeMap::new();
+    for (partition, key, row) in &published {
+        assert_eq!(key, &row.organization_id);
+        assert_eq!(
+            *partition,
+            audit_store::stored::partition_of(&row.organization_id, STORED_PARTITIONS)
+        );
+        if !seen.insert(row.id.clone()) {
+            continue;
+        }
+        let source = (*partition, row.source_topic.clone(), row.source_partition);
+        if let Some(previous) = last.insert(source, row.source_offset) {
+            assert!(
+                row.source_offset > previous,
+                "{} published before an earlier event of its source partition",
+                row.id
+            );
+        }
+    }
+    assert_eq!(
+        seen.len(),
+        3000,
+        "stored events missing from the stored topic"
+    );
     assert_eq!(
         env.inserted_and_distinct().await,
         (3000, 3000),

@@ -9,6 +9,7 @@ pub mod migrations;
 mod ping;
 mod rows;
 mod settings;
+pub mod stored;
 
 pub use cluster::{is_sharded, Rendered, Topology, LOCAL_SUFFIX, SHARD_KEY};
 pub use config::{ClickHouseConfig, Compression};

@@ -50,6 +50,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "create_ingest_fences",
         sql: include_str!("../../../schemas/clickhouse/0006_create_ingest_fences.sql"),
     },
+    Migration {
+        version: 7,
+        name: "create_log_streams",
+        sql: include_str!("../../../schemas/clickhouse/0007_create_log_streams.sql"),
+    },
 ];
 
 const RECORD_TABLE: &str = "schema_migrations";

@@ -22,6 +22,9 @@ use serde_json::Value;
 
 pub use audit_testkit::brokers;
 
+/// Partitions of each test's stored-events topic.
+pub const STORED_PARTITIONS: i32 = 6;
+
 pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
@@ -40,6 +43,8 @@ pub struct TestEnv {
     pub name: String,
     pub topics: Vec<String>,
     pub dead_letter_topic: String,
+    /// The stored-events topic the ingest publishes to (6 partitions, as `make up` creates it).
+    pub stored_topic: String,
     pub group: String,
     pub clickhouse: ClickHouseConfig,
     pub partitions: i32,
@@ -58,6 +63,7 @@ impl TestEnv {
             name: name.to_owned(),
             topics,
             dead_letter_topic,
+            stored_topic: format!("test.{name}.stored.{suffix}"),
             group: format!("test-{name}-{suffix}"),
             clickhouse: audit_testkit::clickhouse_config(format!(
                 "audit_test_{}_{suffix}",
@@ -68,7 +74,44 @@ impl TestEnv {
         let mut all = env.topics.clone();
         all.push(env.dead_letter_topic.clone());
         create_topics(&all, partitions).await;
+        create_topics(std::slice::from_ref(&env.stored_topic), STORED_PARTITIONS).await;
         env
+    }
+
+    /// Every message of the stored-events topic, per partition in offset order: (partition,
+    /// key, row).
+    pub fn stored_messages(&self) -> Vec<(i32, String, audit_store::AuditEventRow)> {
+        use rdkafka::Message;
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", brokers())
+            .set("group.id", format!("{}-reader", self.group))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap();
+        let mut out = Vec::new();
+        for partition in 0..STORED_PARTITIONS {
+            let (_, high) = consumer
+                .fetch_watermarks(&self.stored_topic, partition, Duration::from_secs(10))
+                .unwrap();
+            let mut list = TopicPartitionList::new();
+            list.add_partition_offset(&self.stored_topic, partition, Offset::Beginning)
+                .unwrap();
+            consumer.assign(&list).unwrap();
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let mut next = 0;
+            while next < high {
+                assert!(Instant::now() < deadline, "stored topic unreadable");
+                let Some(message) = consumer.poll(Duration::from_millis(500)) else {
+                    continue;
+                };
+                let message = message.unwrap();
+                next = message.offset() + 1;
+                let key = String::from_utf8(message.key().unwrap().to_vec()).unwrap();
+                let row = audit_store::stored::decode(message.payload().unwrap()).unwrap();
+                out.push((partition, key, row));
+            }
+        }
+        out
     }
 
     /// Environment of an `audit-ingest` process bound to this test's resources.
@@ -109,6 +152,10 @@ impl TestEnv {
             (
                 "AUDIT_INGEST__DEAD_LETTER__TOPIC".into(),
                 self.dead_letter_topic.clone(),
+            ),
+            (
+                "AUDIT_INGEST__STORED_EVENTS__TOPIC".into(),
+                self.stored_topic.clone(),
             ),
             (
                 "AUDIT_INGEST__CLICKHOUSE__URL".into(),

@@ -26,14 +26,15 @@ ENGINE = ReplacingMergeTree(version)
 ORDER BY (organization_id, stream_id);
 
 -- Where each stream stands, written by the stream worker that owns it: its position in the
--- stored-events topic (partition and next offset to deliver), the replay request it follows,
--- and its health. written_at_us orders versions; the newest wins.
+-- stored-events topic (partition and next offset to deliver), the replay request and the
+-- settings version it follows, and its health. written_at_us orders versions; the newest wins.
 CREATE TABLE IF NOT EXISTS audit_log_stream_state
 (
     organization_id       String,
     stream_id             String,
     written_at_us         UInt64,
     replay_seq            UInt64,
+    config_version        UInt64,
     partition             Int32,
     next_offset           Int64,
     state                 String,

@@ -9,6 +9,7 @@ pub mod config;
 pub mod error;
 pub mod export;
 pub mod keys;
+pub mod log_streams;
 pub mod metrics;
 pub mod partitions;
 pub mod query;

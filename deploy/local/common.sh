@@ -37,6 +37,9 @@ AUDIT_CHDB_VERSION="${AUDIT_CHDB_VERSION:-26.9.0}"
 # (chdb-core 26.7.0 is ClickHouse 26.7.2.1; the wheels before 26.7 cannot listen on a port).
 AUDIT_CHDB_FLOOR_VERSION="${AUDIT_CHDB_FLOOR_VERSION:-26.7.0}"
 AUDIT_CHDB_VENV="${AUDIT_CHDB_VENV:-$REPO_ROOT/.state/chdb-$AUDIT_CHDB_VERSION}"
+# The Standard Webhooks reference package (PyPI), which the stream tests verify signatures with.
+AUDIT_STANDARDWEBHOOKS_VERSION="1.0.0"
+AUDIT_VERIFY_VENV="${AUDIT_VERIFY_VENV:-$REPO_ROOT/.state/standardwebhooks-$AUDIT_STANDARDWEBHOOKS_VERSION}"
 KAFKA_DIR="$AUDIT_STATE_DIR/kafka"
 KAFKA_LIB="$AUDIT_STATE_DIR/kafka-$AUDIT_KAFKA_VERSION/lib"
 TLS_DIR="$AUDIT_STATE_DIR/tls"
@@ -139,4 +142,5 @@ ensure_stack() {
   export AUDIT_TEST_TLS_DIR="$TLS_DIR"
   export AUDIT_TEST_KAFKA_DATA_DIR="$KAFKA_DIR/data"
   export AUDIT_TEST_KAFKA_LIB="$KAFKA_LIB"
+  export AUDIT_TEST_WEBHOOK_VERIFIER="$AUDIT_VERIFY_VENV/bin/python $REPO_ROOT/deploy/tests/verify_webhooks.py"
 }

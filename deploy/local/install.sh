@@ -59,7 +59,21 @@ clickhouse_engine() {
     || die "pip could not install chdb-core==$AUDIT_CHDB_VERSION"
 }
 
+# An implementation of Standard Webhooks independent of ours, for the stream tests.
+webhook_verifier() {
+  if "$AUDIT_VERIFY_VENV/bin/python" -c "import standardwebhooks" 2>/dev/null; then
+    return 0
+  fi
+  log "installing standardwebhooks==$AUDIT_STANDARDWEBHOOKS_VERSION (PyPI) into $AUDIT_VERIFY_VENV"
+  rm -rf "$AUDIT_VERIFY_VENV"
+  python3 -m venv "$AUDIT_VERIFY_VENV"
+  "$AUDIT_VERIFY_VENV/bin/pip" install -q --disable-pip-version-check \
+    "standardwebhooks==$AUDIT_STANDARDWEBHOOKS_VERSION" \
+    || die "pip could not install standardwebhooks==$AUDIT_STANDARDWEBHOOKS_VERSION"
+}
+
 mkdir -p "$AUDIT_STATE_DIR"
 apt_install
 clickhouse_engine
 kafka_jars
+webhook_verifier

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 use crate::auth::KeyRateLimiter;
 use crate::config::ApiConfig;
 use crate::keys::KeyStore;
+use crate::log_streams::manage::StreamAdmin;
 use crate::metrics::ApiMetrics;
 use crate::read_events::ReadEventPublisher;
 use crate::routes;
@@ -27,6 +28,7 @@ pub struct AppState {
     pub keys: KeyStore,
     pub rate_limiter: KeyRateLimiter,
     pub read_events: ReadEventPublisher,
+    pub streams: Arc<StreamAdmin>,
     pub metrics: ApiMetrics,
     /// Ingest time of the newest stored event, epoch ms (0 = unknown).
     pub newest_ingested_at: Arc<AtomicU64>,
@@ -38,11 +40,17 @@ pub struct AppState {
 impl AppState {
     pub fn new(config: &ApiConfig) -> Result<Self, AppError> {
         let metrics = ApiMetrics::new();
+        let store = AuditLogStore::new(&config.clickhouse, &config.query, metrics.clone());
+        let read_events = ReadEventPublisher::new(&config.read_events, metrics.clone())?;
+        let streams =
+            StreamAdmin::new(store.client().clone(), &config.streams, read_events.clone())
+                .map_err(|err| AppError::Streams(err.to_string()))?;
         Ok(Self {
-            store: AuditLogStore::new(&config.clickhouse, &config.query, metrics.clone()),
+            store,
             keys: KeyStore::new(),
             rate_limiter: KeyRateLimiter::new(&config.rate_limit),
-            read_events: ReadEventPublisher::new(&config.read_events, metrics.clone())?,
+            read_events,
+            streams: Arc::new(streams),
             metrics,
             newest_ingested_at: Arc::new(AtomicU64::new(0)),
             exports: Arc::new(Semaphore::new(match config.query.max_concurrent_exports {
@@ -70,6 +78,8 @@ pub enum AppError {
     },
     #[error("http server: {0}")]
     Serve(#[source] std::io::Error),
+    #[error("log streams: {0}")]
+    Streams(String),
 }
 
 pub struct Application {

@@ -25,6 +25,73 @@ pub enum Command {
     /// Create, list and revoke API keys.
     #[command(subcommand)]
     Keys(KeysCommand),
+    /// Run the stream worker, or manage an organization's log streams as its operator.
+    #[command(subcommand)]
+    Streams(StreamsCommand),
+}
+
+/// The operator's side of the streams API (README "Log streams"): the same operations and
+/// checks, printed as the API's JSON. Changes are audit events of the organization, with actor
+/// `{type: system, id: audit-api-cli}`.
+#[derive(Debug, Subcommand)]
+pub enum StreamsCommand {
+    /// Deliver the streams of this replica's share of the stored-events topic (a Deployment of
+    /// its own in the chart).
+    Run,
+    /// An organization's streams, with their health.
+    List {
+        #[arg(long)]
+        org: String,
+    },
+    /// One stream.
+    Get {
+        #[arg(long)]
+        org: String,
+        id: String,
+    },
+    /// Create a stream from the API's JSON body (a webhook's secret is printed once).
+    Create {
+        #[arg(long)]
+        org: String,
+        /// The body, e.g. '{"name": "SIEM", "destination": {"type": "webhook", "url": "https://..."}}'.
+        #[arg(long)]
+        json: String,
+    },
+    /// Change a stream (the API's PATCH body); `{"paused": false}` resumes a stream in error.
+    Update {
+        #[arg(long)]
+        org: String,
+        id: String,
+        #[arg(long)]
+        json: String,
+    },
+    Delete {
+        #[arg(long)]
+        org: String,
+        id: String,
+    },
+    /// Send one synthetic event and print the destination's answer.
+    Test {
+        #[arg(long)]
+        org: String,
+        id: String,
+    },
+    /// Deliver again from a time (RFC 3339), as far back as the stored-events topic holds.
+    Replay {
+        #[arg(long)]
+        org: String,
+        id: String,
+        #[arg(long)]
+        from: String,
+    },
+    /// A new webhook signing secret (printed once); the old one is still sent during the overlap.
+    RotateSecret {
+        #[arg(long)]
+        org: String,
+        id: String,
+        #[arg(long)]
+        overlap_seconds: Option<u64>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

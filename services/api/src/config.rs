@@ -24,6 +24,7 @@ pub struct ApiConfig {
     pub rate_limit: RateLimitConfig,
     pub keys: KeysConfig,
     pub read_events: ReadEventsConfig,
+    pub streams: StreamsConfig,
     /// Apply pending ClickHouse migrations at start-up; when false, refuse to start if any is pending.
     pub migrate_on_start: bool,
     /// How long in-flight requests (CSV streams included) may run after SIGTERM.
@@ -41,6 +42,7 @@ impl Default for ApiConfig {
             rate_limit: RateLimitConfig::default(),
             keys: KeysConfig::default(),
             read_events: ReadEventsConfig::default(),
+            streams: StreamsConfig::default(),
             migrate_on_start: true,
             shutdown_timeout_ms: 25_000,
             telemetry: TelemetryConfig::default(),
@@ -168,6 +170,71 @@ impl Default for ReadEventsConfig {
     }
 }
 
+/// Log streams (README "Log streams"): their management API and the stream worker
+/// (`audit-api streams`). The worker reaches Kafka with `read_events`' brokers, security and
+/// properties.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StreamsConfig {
+    /// Base64 of 32 random bytes (`openssl rand -base64 32`) sealing the streams' secrets.
+    /// Without it the streams endpoints answer 503 and the worker does not start. Keep it in a
+    /// secret (`AUDIT_API__STREAMS__SECRET_KEY`); every replica needs the same one.
+    pub secret_key: Option<secrecy::SecretString>,
+    /// The stored-events topic the ingest publishes to.
+    pub topic: String,
+    /// Consumer group of the stream workers: Kafka gives each replica a share of the topic's
+    /// partitions, and with them the streams of the organizations in those partitions.
+    pub group_id: String,
+    /// Accept `http://` destinations (local runs and tests; never in production).
+    pub allow_http: bool,
+    /// Deliver to hosts that resolve to private, loopback or link-local addresses.
+    pub allow_private_destinations: bool,
+    /// Longest wait for a destination's answer; past it the attempt is retried.
+    pub request_timeout_ms: u64,
+    /// How long a batch waits for more events once it has one.
+    pub batch_linger_ms: u64,
+    /// A stream whose deliveries have failed for this long is reported `failing` (it keeps
+    /// retrying and keeps its position).
+    pub failing_after_ms: u64,
+    /// First back-off after a failed delivery, doubled each time up to `max_backoff_ms`, with
+    /// jitter; a `Retry-After` longer than the back-off is honoured.
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    /// Splunk HEC indexer acknowledgement: how long an ack may take before the batch is sent again.
+    pub ack_timeout_ms: u64,
+    /// How often the worker re-reads the streams' settings.
+    pub refresh_interval_ms: u64,
+    /// How often positions and health are written to ClickHouse (and at every state change,
+    /// rebalance and shutdown). A replica killed between two writes re-sends at most this much.
+    pub state_flush_interval_ms: u64,
+}
+
+impl Default for StreamsConfig {
+    fn default() -> Self {
+        Self {
+            secret_key: None,
+            topic: audit_event::topics::STORED.to_owned(),
+            group_id: "audit-streams".to_owned(),
+            allow_http: false,
+            allow_private_destinations: false,
+            request_timeout_ms: 10_000,
+            batch_linger_ms: 200,
+            failing_after_ms: 300_000,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 60_000,
+            ack_timeout_ms: 60_000,
+            refresh_interval_ms: 1_000,
+            state_flush_interval_ms: 1_000,
+        }
+    }
+}
+
+impl StreamsConfig {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.request_timeout_ms)
+    }
+}
+
 impl ApiConfig {
     /// Loads and validates the configuration; `file` is an optional TOML file.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
@@ -197,6 +264,24 @@ impl ApiConfig {
         }
         if self.read_events.enabled && self.read_events.topic.is_empty() {
             return invalid("read_events.topic must not be empty when read_events.enabled");
+        }
+        let streams = &self.streams;
+        if streams.request_timeout_ms == 0
+            || streams.refresh_interval_ms == 0
+            || streams.state_flush_interval_ms == 0
+            || streams.initial_backoff_ms == 0
+        {
+            return invalid(
+                "streams.request_timeout_ms, refresh_interval_ms, state_flush_interval_ms and \
+                 initial_backoff_ms must be at least 1",
+            );
+        }
+        if streams.max_backoff_ms < streams.initial_backoff_ms {
+            return invalid("streams.max_backoff_ms must be at least streams.initial_backoff_ms");
+        }
+        if let Some(key) = &streams.secret_key {
+            crate::log_streams::secret_box::SecretBox::from_key(key)
+                .map_err(|err| SettingsError::Invalid(err.to_string()))?;
         }
         if self.read_events.enabled {
             self.read_events

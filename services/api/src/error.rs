@@ -37,6 +37,15 @@ pub enum ApiError {
     NotReady,
     #[error("no such route")]
     NotFound,
+    /// A request body is not JSON, or one of its fields is wrong.
+    #[error("{message}")]
+    InvalidBody { field: String, message: String },
+    #[error("no log stream with this id in your organization")]
+    StreamNotFound,
+    #[error("{0}")]
+    StreamLimit(String),
+    #[error("log streams are not configured on this server")]
+    StreamsNotConfigured,
     /// Anything else: logged in full, answered without detail.
     #[error("internal error")]
     Internal(String),
@@ -55,21 +64,29 @@ impl ApiError {
             ApiError::TooManyExports => "too_many_exports",
             ApiError::NotReady => "not_ready",
             ApiError::NotFound => "not_found",
+            ApiError::InvalidBody { .. } => "invalid_request",
+            ApiError::StreamNotFound => "stream_not_found",
+            ApiError::StreamLimit(_) => "stream_limit",
+            ApiError::StreamsNotConfigured => "streams_not_configured",
             ApiError::Internal(_) => "internal_error",
         }
     }
 
     pub fn status(&self) -> StatusCode {
         match self {
-            ApiError::InvalidParameter { .. } => StatusCode::BAD_REQUEST,
+            ApiError::InvalidParameter { .. } | ApiError::InvalidBody { .. } => {
+                StatusCode::BAD_REQUEST
+            }
+            ApiError::StreamLimit(_) => StatusCode::CONFLICT,
             ApiError::MissingKey | ApiError::InvalidKey => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             ApiError::QueryTimeout => StatusCode::GATEWAY_TIMEOUT,
-            ApiError::StoreUnavailable | ApiError::NotReady | ApiError::TooManyExports => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
-            ApiError::NotFound => StatusCode::NOT_FOUND,
+            ApiError::StoreUnavailable
+            | ApiError::NotReady
+            | ApiError::TooManyExports
+            | ApiError::StreamsNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::NotFound | ApiError::StreamNotFound => StatusCode::NOT_FOUND,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -86,6 +103,9 @@ struct ErrorDetail<'a> {
     message: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     parameter: Option<&'a str>,
+    /// The request body's field that is wrong.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    field: Option<&'a str>,
 }
 
 impl IntoResponse for ApiError {
@@ -102,11 +122,16 @@ impl IntoResponse for ApiError {
             ApiError::InvalidParameter { parameter, .. } => Some(*parameter),
             _ => None,
         };
+        let field = match &self {
+            ApiError::InvalidBody { field, .. } => Some(field.as_str()),
+            _ => None,
+        };
         let body = ErrorBody {
             error: ErrorDetail {
                 code: self.error_code(),
                 message: self.to_string(),
                 parameter,
+                field,
             },
         };
         let mut response = (status, Json(body)).into_response();
@@ -170,6 +195,23 @@ impl From<crate::stream::StreamError> for ApiError {
         match err {
             crate::stream::StreamError::Store(err) => err.into(),
             other => ApiError::Internal(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::log_streams::manage::ManageError> for ApiError {
+    fn from(err: crate::log_streams::manage::ManageError) -> Self {
+        use crate::log_streams::manage::ManageError;
+        match err {
+            ManageError::Invalid(invalid) => ApiError::InvalidBody {
+                message: invalid.to_string(),
+                field: invalid.field,
+            },
+            ManageError::NotFound => ApiError::StreamNotFound,
+            ManageError::TooMany => ApiError::StreamLimit(err.to_string()),
+            ManageError::NotConfigured => ApiError::StreamsNotConfigured,
+            ManageError::Store(err) => err.into(),
+            ManageError::Secrets(..) => ApiError::Internal(err.to_string()),
         }
     }
 }

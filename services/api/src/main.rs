@@ -1,7 +1,7 @@
 use std::process::ExitCode;
 
 use anyhow::Context;
-use audit_api::cli::{Cli, Command, KeysCommand};
+use audit_api::cli::{Cli, Command, KeysCommand, StreamsCommand};
 use audit_api::{keys, ApiConfig, Application};
 use clap::Parser;
 use secrecy::ExposeSecret;
@@ -26,6 +26,19 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             audit_store::migrations::apply(&config.clickhouse)
                 .await
                 .context("applying ClickHouse migrations")?;
+        }
+        Command::Streams(StreamsCommand::Run) => {
+            let worker = audit_api::log_streams::worker::Worker::build(config)
+                .await
+                .context("starting the stream worker")?;
+            audit_runtime::shutdown::cancel_on_signal(worker.shutdown_token());
+            worker.run().await.context("the stream worker stopped")?;
+        }
+        Command::Streams(command) => {
+            audit_store::migrations::apply(&config.clickhouse)
+                .await
+                .context("applying ClickHouse migrations")?;
+            streams_command(&config, command).await?;
         }
         Command::Keys(command) => {
             audit_store::migrations::apply(&config.clickhouse)
@@ -92,6 +105,74 @@ async fn keys_command(config: &ApiConfig, command: KeysCommand) -> anyhow::Resul
             let row = keys::revoke(&client, &key_id).await?;
             println!("revoked key {} of {}", row.key_id, row.organization_id);
         }
+    }
+    Ok(())
+}
+
+async fn streams_command(config: &ApiConfig, command: StreamsCommand) -> anyhow::Result<()> {
+    use audit_api::log_streams::manage::{Actor, StreamAdmin};
+    let metrics = audit_api::metrics::ApiMetrics::new();
+    let events = audit_api::read_events::ReadEventPublisher::new(&config.read_events, metrics)?;
+    let admin = StreamAdmin::new(config.clickhouse.client(), &config.streams, events)?;
+    let actor = Actor {
+        id: "audit-api-cli".to_owned(),
+        actor_type: "system",
+        name: std::env::var("USER").ok(),
+        request_id: None,
+        ip: None,
+        user_agent: None,
+    };
+    let print = |value: serde_json::Value| -> anyhow::Result<()> {
+        println!("{}", serde_json::to_string_pretty(&value)?);
+        Ok(())
+    };
+    let parse = |text: &str| -> anyhow::Result<serde_json::Value> {
+        serde_json::from_str(text).context("--json is not valid JSON")
+    };
+    match command {
+        StreamsCommand::Run => unreachable!("handled by run"),
+        StreamsCommand::List { org } => {
+            print(serde_json::json!({ "data": admin.list(&org).await? }))?
+        }
+        StreamsCommand::Get { org, id } => {
+            print(serde_json::to_value(admin.get(&org, &id).await?)?)?
+        }
+        StreamsCommand::Create { org, json } => {
+            let body = serde_json::from_value(parse(&json)?).context("--json")?;
+            print(serde_json::to_value(
+                admin.create(&org, &actor, body).await?,
+            )?)?
+        }
+        StreamsCommand::Update { org, id, json } => {
+            let body = serde_json::from_value(parse(&json)?).context("--json")?;
+            print(serde_json::to_value(
+                admin.update(&org, &actor, &id, body).await?,
+            )?)?
+        }
+        StreamsCommand::Delete { org, id } => {
+            admin.delete(&org, &actor, &id).await?;
+            println!("deleted stream {id} of {org}");
+        }
+        StreamsCommand::Test { org, id } => {
+            print(serde_json::to_value(admin.test(&org, &id).await?)?)?
+        }
+        StreamsCommand::Replay { org, id, from } => {
+            let from_ms = chrono::DateTime::parse_from_rfc3339(&from)
+                .context("--from must be an RFC 3339 time such as 2026-01-31T00:00:00Z")?
+                .timestamp_millis();
+            print(serde_json::to_value(
+                admin.replay(&org, &actor, &id, from_ms).await?,
+            )?)?
+        }
+        StreamsCommand::RotateSecret {
+            org,
+            id,
+            overlap_seconds,
+        } => print(serde_json::to_value(
+            admin
+                .rotate_secret(&org, &actor, &id, overlap_seconds)
+                .await?,
+        )?)?,
     }
     Ok(())
 }

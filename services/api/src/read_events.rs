@@ -120,6 +120,32 @@ impl ReadEventPublisher {
         });
     }
 
+    /// Publishes one event of the contract (keyed by its organization) and waits for Kafka's
+    /// acknowledgement: for changes, whose audit event must not be lost silently.
+    pub async fn send(&self, key: &str, event: &serde_json::Value) -> Result<(), String> {
+        let Some(producer) = &self.producer else {
+            return Err("read_events.enabled is false: stream changes are not published".into());
+        };
+        let payload = event.to_string();
+        let record = FutureRecord::to(&self.topic).key(key).payload(&payload);
+        match producer.send(record, Duration::from_secs(10)).await {
+            Ok(_) => {
+                self.metrics
+                    .read_events
+                    .with_label_values(&["published"])
+                    .inc();
+                Ok(())
+            }
+            Err((err, _)) => {
+                self.metrics
+                    .read_events
+                    .with_label_values(&["failed"])
+                    .inc();
+                Err(err.to_string())
+            }
+        }
+    }
+
     /// Waits for queued read events on shutdown.
     pub fn flush(&self, timeout: Duration) {
         if let Some(producer) = &self.producer {

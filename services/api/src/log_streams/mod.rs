@@ -3,8 +3,10 @@
 //! streams`, `worker`) delivers from the stored-events topic the ingest publishes to.
 
 pub mod deliver;
+pub mod manage;
 pub mod payload;
 pub mod secret_box;
 pub mod signing;
 pub mod spec;
 pub mod table;
+pub mod worker;

@@ -3,6 +3,7 @@
 
 pub mod audit_logs;
 pub mod export;
+pub mod log_streams;
 pub mod ops;
 
 use std::net::SocketAddr;
@@ -14,7 +15,7 @@ use axum::http::request::Parts;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue};
 use axum::middleware::{self, Next};
 use axum::response::Response;
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::Router;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
@@ -37,6 +38,28 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(AUDIT_LOGS_PATH, get(audit_logs::list))
         .route(EXPORT_PATH, get(export::export))
+        .route(
+            log_streams::STREAMS_PATH,
+            get(log_streams::list).post(log_streams::create),
+        )
+        .route(
+            &format!("{}/{{id}}", log_streams::STREAMS_PATH),
+            get(log_streams::get)
+                .patch(log_streams::update)
+                .delete(log_streams::delete),
+        )
+        .route(
+            &format!("{}/{{id}}/test", log_streams::STREAMS_PATH),
+            post(log_streams::test),
+        )
+        .route(
+            &format!("{}/{{id}}/replay", log_streams::STREAMS_PATH),
+            post(log_streams::replay),
+        )
+        .route(
+            &format!("{}/{{id}}/rotate-secret", log_streams::STREAMS_PATH),
+            post(log_streams::rotate_secret),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))

@@ -16,6 +16,8 @@ pub use std::collections::BTreeSet;
 pub use std::net::SocketAddr;
 pub use std::time::{Duration, Instant};
 
+pub mod streams;
+
 pub const BASE_MS: i64 = 1_735_689_600_000; // 2025-01-01T00:00:00Z
 
 /// One running API with its own database.

@@ -374,3 +374,519 @@ async fn one_organization_cannot_see_or_touch_anothers_streams_and_secrets_stay_
     );
     api.stop().await;
 }
+
+/// Publishes `rows` in slices of `per_tick` every 100 ms until all are out.
+fn trickle(
+    env: &StreamsEnv,
+    rows: Vec<AuditEventRow>,
+    per_tick: usize,
+) -> tokio::task::JoinHandle<()> {
+    let env = env.clone();
+    tokio::spawn(async move {
+        for chunk in rows.chunks(per_tick) {
+            env.publish(chunk).await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_failing_every_way_loses_nothing_keeps_order_and_holds_back_no_other() {
+    let env = StreamsEnv::new("failures").await;
+    let api = env.api("streams_failures").await;
+    let acme = api.key("org_acme", Role::Admin).await;
+    let globex = api.key("org_globex", Role::Admin).await;
+    let mut flaky = Receiver::start(Intake::Webhook).await;
+    let (steady, elsewhere) = (
+        Receiver::start(Intake::Webhook).await,
+        Receiver::start(Intake::Webhook).await,
+    );
+    let flaky_stream = create(&api, &acme, webhook("flaky", &flaky)).await;
+    let flaky_id = flaky_stream["id"].as_str().unwrap().to_owned();
+    create(&api, &acme, webhook("steady", &steady)).await;
+    create(&api, &globex, webhook("elsewhere", &elsewhere)).await;
+    let worker = WorkerProcess::spawn(&env, &api, &[]).await;
+
+    // Events keep arriving through every phase: 40 a second per organization.
+    let acme_rows = events("org_acme", 800);
+    let globex_rows = events("org_globex", 800);
+    let publisher = trickle(&env, acme_rows.clone(), 4);
+    let other_publisher = trickle(&env, globex_rows.clone(), 4);
+
+    // 500s: retried; after failing_after_ms (2 s) the stream says so, with the answer.
+    flaky.set_mode(Mode::Status(500, None));
+    let failing = wait_stream(&api, &acme, &flaky_id, "failing after 500s", |v| {
+        v["state"] == "failing"
+    })
+    .await;
+    assert_eq!(failing["lastError"]["status"], 500, "{failing}");
+    assert!(failing["lastError"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("receiver answers 500"));
+    assert!(
+        failing["lag"]["seconds"].as_f64().unwrap() > 1.0,
+        "{failing}"
+    );
+    // Meanwhile the same organization's other stream, and another's, keep up.
+    let published_so_far = ids(&acme_rows[..40]);
+    steady
+        .wait_for(&published_so_far, Duration::from_secs(5))
+        .await;
+    elsewhere
+        .wait_for(&ids(&globex_rows[..40]), Duration::from_secs(5))
+        .await;
+
+    // 429 with Retry-After: 2 s: no attempt sooner than that.
+    flaky.set_mode(Mode::Status(429, Some(2)));
+    let since = Instant::now();
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    let refused: Vec<Instant> = flaky
+        .captured()
+        .iter()
+        .filter(|c| !c.accepted && c.at > since)
+        .map(|c| c.at)
+        .collect();
+    let throttled: Vec<Duration> = refused.windows(2).map(|w| w[1] - w[0]).collect();
+    assert!(!throttled.is_empty(), "no retries while throttled");
+    assert!(
+        throttled
+            .iter()
+            .all(|gap| *gap >= Duration::from_millis(1_900)),
+        "Retry-After not honoured: {throttled:?}"
+    );
+
+    // A destination that never answers (the request times out after 2 s), then one that is down.
+    flaky.set_mode(Mode::Hang);
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    flaky.down();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let down = stream(&api, &acme, &flaky_id).await;
+    assert_eq!(down["state"], "failing", "{down}");
+    assert!(down["lastError"]["status"].is_null(), "no answer: {down}");
+    let rss = audit_testkit::proc_status_kb(worker.pid(), "VmRSS").unwrap();
+    assert!(rss < 150 * 1024, "worker RSS {rss} kB during the outage");
+
+    // Back: everything arrives, each once, in order; the stream is active again.
+    flaky.set_mode(Mode::Accept);
+    flaky.up().await;
+    publisher.await.unwrap();
+    other_publisher.await.unwrap();
+    let wanted = ids(&acme_rows);
+    assert_eq!(
+        flaky.wait_for(&wanted, Duration::from_secs(60)).await,
+        wanted
+    );
+    assert_eq!(
+        steady.wait_for(&wanted, Duration::from_secs(30)).await,
+        wanted
+    );
+    assert_eq!(
+        elsewhere
+            .wait_for(&ids(&globex_rows), Duration::from_secs(30))
+            .await,
+        ids(&globex_rows)
+    );
+    let healthy = wait_stream(&api, &acme, &flaky_id, "active again", |v| {
+        v["state"] == "active" && v["deliveredEvents"] == 800
+    })
+    .await;
+    assert_eq!(healthy["lag"]["seconds"], 0.0, "{healthy}");
+    let metrics = worker.get("/metrics").await.1;
+    assert!(metrics.contains("audit_stream_deliveries_total{kind=\"webhook\",outcome=\"retry\"}"));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refusing_destination_puts_the_stream_in_error_until_its_settings_change() {
+    let env = StreamsEnv::new("refused").await;
+    let api = env.api("streams_refused").await;
+    let acme = api.key("org_acme", Role::Admin).await;
+    let datadog = Receiver::start(Intake::Datadog {
+        api_key: "dd-right-key".into(),
+    })
+    .await;
+    let created = create(
+        &api,
+        &acme,
+        json!({"name": "datadog", "format": "ocsf", "destination": {
+            "type": "datadog", "url": datadog.url(), "apiKey": "dd-wrong-key",
+            "ddtags": "env:test,team:security"}}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let _worker = WorkerProcess::spawn(&env, &api, &[]).await;
+    let rows = events("org_acme", 2_500);
+    env.publish(&rows[..1_000]).await;
+    let refused = wait_stream(&api, &acme, &id, "error after a 403", |v| {
+        v["state"] == "error"
+    })
+    .await;
+    assert_eq!(refused["lastError"]["status"], 403, "{refused}");
+    assert!(refused["lastError"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("Forbidden"));
+    assert!(!refused.to_string().contains("dd-wrong-key"));
+    // It stopped: no more attempts while in error, even as events arrive.
+    env.publish(&rows[1_000..]).await;
+    let attempts = datadog.captured().len();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(
+        datadog.captured().len(),
+        attempts,
+        "retried a refused request"
+    );
+    // The right key: it resumes where it stopped.
+    let (status, _) = send(
+        &api,
+        reqwest::Method::PATCH,
+        &acme,
+        &format!("{STREAMS}/{id}"),
+        Some(json!({"destination": {"type": "datadog", "url": datadog.url(), "apiKey": "dd-right-key", "ddtags": "env:test,team:security"}})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK);
+    let wanted = ids(&rows);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let events = datadog.events();
+        let got: Vec<String> = events
+            .iter()
+            .map(|e| e["metadata"]["uid"].as_str().unwrap().to_owned())
+            .collect();
+        if got.len() >= wanted.len() {
+            assert_eq!(got, wanted);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{} of {}",
+            got.len(),
+            wanted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // OCSF, within Datadog's limits, with the stream's tags.
+    let first = &datadog.events()[0];
+    assert_eq!(first["class_uid"], 3006, "{first}");
+    assert_eq!(first["metadata"]["tenant_uid"], "org_acme");
+    for request in datadog.captured().iter().filter(|c| c.accepted) {
+        let entries: Vec<Value> = serde_json::from_slice(&request.body).unwrap();
+        assert!(entries.len() <= 1_000);
+        assert_eq!(entries[0]["ddtags"], "env:test,team:security");
+        assert_eq!(entries[0]["ddsource"], "audit-logs");
+    }
+    wait_stream(&api, &acme, &id, "active", |v| {
+        v["state"] == "active" && v["lastError"].is_object()
+    })
+    .await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replay_sends_again_from_a_time() {
+    let env = StreamsEnv::new("replay").await;
+    let api = env.api("streams_replay").await;
+    let acme = api.key("org_acme", Role::Admin).await;
+    let receiver = Receiver::start(Intake::Webhook).await;
+    let created = create(&api, &acme, webhook("siem", &receiver)).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let _worker = WorkerProcess::spawn(&env, &api, &[]).await;
+    let rows = events("org_acme", 150);
+    env.publish(&rows[..100]).await;
+    receiver
+        .wait_for(&ids(&rows[..100]), Duration::from_secs(30))
+        .await;
+    tokio::time::sleep(Duration::from_millis(1_100)).await;
+    let middle = chrono::Utc::now();
+    env.publish(&rows[100..]).await;
+    let once = ids(&rows);
+    assert_eq!(
+        receiver.wait_for(&once, Duration::from_secs(30)).await,
+        once
+    );
+
+    let path = format!(
+        "{STREAMS}/{id}/replay?from={}",
+        middle.to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    let (status, view) = send(&api, reqwest::Method::POST, &acme, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{view}");
+    // Only what was stored since `from`, again, in order.
+    let mut twice = once.clone();
+    twice.extend(ids(&rows[100..]));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while receiver.ids().len() < twice.len() {
+        assert!(
+            Instant::now() < deadline,
+            "{} of {}",
+            receiver.ids().len(),
+            twice.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.ids(), twice);
+    // A time to come is refused, naming the parameter.
+    let future = format!("{STREAMS}/{id}/replay?from=2999-01-01T00:00:00Z");
+    let (status, answer) = send(&api, reqwest::Method::POST, &acme, &future, None).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST);
+    assert_eq!(answer["error"]["field"], "from", "{answer}");
+    let kinds: Vec<Value> = env
+        .changes()
+        .into_iter()
+        .map(|e| e["type"].clone())
+        .collect();
+    assert!(kinds.contains(&json!("audit_log_stream.replay_requested")));
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_secret_is_sent_beside_the_old_one_for_the_overlap_only() {
+    let env = StreamsEnv::new("rotate").await;
+    let api = env.api("streams_rotate").await;
+    let acme = api.key("org_acme", Role::Admin).await;
+    let receiver = Receiver::start(Intake::Webhook).await;
+    let created = create(&api, &acme, webhook("siem", &receiver)).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let first = created["secret"].as_str().unwrap().to_owned();
+    let _worker = WorkerProcess::spawn(&env, &api, &[]).await;
+    let rows = events("org_acme", 30);
+    let requests = |receiver: &Receiver, from: usize| -> Vec<_> {
+        receiver
+            .captured()
+            .into_iter()
+            .filter(|c| c.accepted)
+            .skip(from)
+            .map(|c| (c.headers, c.body))
+            .collect()
+    };
+
+    env.publish(&rows[..10]).await;
+    receiver
+        .wait_for(&ids(&rows[..10]), Duration::from_secs(30))
+        .await;
+    let before = requests(&receiver, 0);
+    assert!(verify(&before, &[&first]).iter().all(|v| v == &vec![true]));
+
+    let rotate = format!("{STREAMS}/{id}/rotate-secret");
+    let (status, rotated) = send(
+        &api,
+        reqwest::Method::POST,
+        &acme,
+        &rotate,
+        Some(json!({"overlapSeconds": 3600})),
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{rotated}");
+    let second = rotated["secret"].as_str().unwrap().to_owned();
+    assert_ne!(second, first);
+    assert!(rotated["previousSecretExpiresAt"].is_string(), "{rotated}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    env.publish(&rows[10..20]).await;
+    receiver
+        .wait_for(&ids(&rows[..20]), Duration::from_secs(30))
+        .await;
+    let during = requests(&receiver, before.len());
+    assert!(!during.is_empty());
+    assert!(
+        verify(&during, &[&first, &second])
+            .iter()
+            .all(|v| v == &vec![true, true]),
+        "both secrets sign during the overlap"
+    );
+
+    let (_, third) = send(
+        &api,
+        reqwest::Method::POST,
+        &acme,
+        &rotate,
+        Some(json!({"overlapSeconds": 0})),
+    )
+    .await;
+    let third = third["secret"].as_str().unwrap().to_owned();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let seen = requests(&receiver, 0).len();
+    env.publish(&rows[20..]).await;
+    receiver
+        .wait_for(&ids(&rows), Duration::from_secs(30))
+        .await;
+    let after = requests(&receiver, seen);
+    assert!(!after.is_empty());
+    assert!(
+        verify(&after, &[&first, &second, &third])
+            .iter()
+            .all(|v| v == &vec![false, false, true]),
+        "no overlap: only the newest secret signs"
+    );
+    let (_, too_long) = send(
+        &api,
+        reqwest::Method::POST,
+        &acme,
+        &rotate,
+        Some(json!({"overlapSeconds": 100_000_000})),
+    )
+    .await;
+    assert_eq!(too_long["error"]["field"], "overlapSeconds", "{too_long}");
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn splunk_hec_with_indexer_acknowledgement_receives_every_event() {
+    let env = StreamsEnv::new("hec").await;
+    let api = env.api("streams_hec").await;
+    let acme = api.key("org_acme", Role::Admin).await;
+    let hec = Receiver::start(Intake::Hec {
+        token: "11111111-2222-3333-4444-555555555555".into(),
+        acks: true,
+    })
+    .await;
+    let created = create(
+        &api,
+        &acme,
+        json!({"name": "splunk", "destination": {
+            "type": "splunk_hec", "url": hec.url(), "token": "11111111-2222-3333-4444-555555555555",
+            "index": "audit", "acknowledgements": true}}),
+    )
+    .await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let _worker = WorkerProcess::spawn(&env, &api, &[]).await;
+    let rows = events("org_acme", 1_500);
+    env.publish(&rows).await;
+    let wanted = ids(&rows);
+    assert_eq!(hec.wait_for(&wanted, Duration::from_secs(60)).await, wanted);
+    for request in hec.captured().iter().filter(|c| c.accepted) {
+        assert!(request.body.len() <= 1_000_000);
+        assert_eq!(
+            request.headers["authorization"],
+            "Splunk 11111111-2222-3333-4444-555555555555"
+        );
+        assert_eq!(request.headers["x-splunk-request-channel"].len(), 36);
+        let first: Value = serde_json::Deserializer::from_slice(&request.body)
+            .into_iter::<Value>()
+            .next()
+            .unwrap()
+            .unwrap();
+        assert_eq!(first["index"], "audit");
+        assert_eq!(first["source"], "audit-logs");
+        assert_eq!(first["sourcetype"], "audit-logs:event");
+        let event_ms =
+            chrono::DateTime::parse_from_rfc3339(first["event"]["timestamp"].as_str().unwrap())
+                .unwrap()
+                .timestamp_millis();
+        assert!((first["time"].as_f64().unwrap() * 1000.0 - event_ms as f64).abs() < 1.0);
+    }
+    // Counted delivered only once acknowledged (acks turn true 300 ms after each request).
+    wait_stream(&api, &acme, &id, "all delivered", |v| {
+        v["deliveredEvents"] == 1_500
+    })
+    .await;
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_killed_mid_batch_loses_nothing_and_the_next_resumes_in_order() {
+    let env = StreamsEnv::new("kill").await;
+    let api = env.api("streams_kill").await;
+    let acme = api.key("org_acme", Role::Admin).await;
+    let receiver = Receiver::start(Intake::Webhook).await;
+    create(&api, &acme, webhook("siem", &receiver)).await;
+    // Positions written every 5 s: a kill between two writes re-sends what was delivered since.
+    let mut first = WorkerProcess::spawn(
+        &env,
+        &api,
+        &[("AUDIT_API__STREAMS__STATE_FLUSH_INTERVAL_MS", "5000")],
+    )
+    .await;
+    let rows = events("org_acme", 3_000);
+    let publisher = trickle(&env, rows.clone(), 100);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while receiver.ids().len() < 500 {
+        assert!(
+            Instant::now() < deadline,
+            "nothing delivered:\n{}",
+            first.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    first.signal(nix::sys::signal::Signal::SIGKILL);
+    first
+        .wait_exit(Duration::from_secs(5))
+        .await
+        .expect("killed");
+    let _second = WorkerProcess::spawn(&env, &api, &[]).await;
+    publisher.await.unwrap();
+    let wanted = ids(&rows);
+    let got = receiver.wait_for(&wanted, Duration::from_secs(60)).await;
+    // At least once: a reader that skips ids it has seen gets every event, in order.
+    let mut seen = BTreeSet::new();
+    let firsts: Vec<String> = got
+        .into_iter()
+        .filter(|id| seen.insert(id.clone()))
+        .collect();
+    assert_eq!(firsts, wanted);
+    api.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_share_the_streams_and_a_rebalance_sends_nothing_twice() {
+    let env = StreamsEnv::new("replicas").await;
+    let api = env.api("streams_replicas").await;
+    // Organizations in different partitions of the stored-events topic.
+    let mut organizations: Vec<String> = Vec::new();
+    let mut partitions = BTreeSet::new();
+    for n in 0.. {
+        let org = format!("org_{n}");
+        if partitions.insert(audit_store::stored::partition_of(
+            &org,
+            common::streams::PARTITIONS,
+        )) {
+            organizations.push(org);
+        }
+        if organizations.len() == 4 {
+            break;
+        }
+    }
+    let mut receivers = Vec::new();
+    for org in &organizations {
+        let key = api.key(org, Role::Admin).await;
+        let receiver = Receiver::start(Intake::Webhook).await;
+        create(&api, &key, webhook("siem", &receiver)).await;
+        receivers.push(receiver);
+    }
+    let mut first = WorkerProcess::spawn(&env, &api, &[]).await;
+    let rows: Vec<Vec<AuditEventRow>> = organizations.iter().map(|org| events(org, 400)).collect();
+    let publishers: Vec<_> = rows.iter().map(|r| trickle(&env, r.clone(), 10)).collect();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A second replica joins (partitions move), then the first leaves (SIGTERM): both normal.
+    let second = WorkerProcess::spawn(&env, &api, &[]).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    first.signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(
+        first
+            .wait_exit(Duration::from_secs(20))
+            .await
+            .is_some_and(|s| s.success()),
+        "{}",
+        first.logs()
+    );
+    for publisher in publishers {
+        publisher.await.unwrap();
+    }
+    for (receiver, rows) in receivers.iter().zip(&rows) {
+        let wanted = ids(rows);
+        assert_eq!(
+            receiver.wait_for(&wanted, Duration::from_secs(60)).await,
+            wanted,
+            "each event once, in order:\n{}",
+            second.logs()
+        );
+    }
+    let metrics = second.get("/metrics").await.1;
+    assert!(
+        metrics.contains("audit_stream_owned_partitions 6"),
+        "{metrics}"
+    );
+    api.stop().await;
+}

@@ -36,6 +36,7 @@ pub struct StreamsEnv {
     pub changes_topic: String,
     pub group: String,
     pub secret_key: String,
+    producer: FutureProducer,
 }
 
 impl StreamsEnv {
@@ -46,6 +47,12 @@ impl StreamsEnv {
             changes_topic: format!("test.streams.{name}.changes.{}", &suffix[..12]),
             group: format!("test-streams-{name}-{}", &suffix[..12]),
             secret_key: base64::engine::general_purpose::STANDARD.encode(rand_bytes()),
+            producer: ClientConfig::new()
+                .set("bootstrap.servers", audit_testkit::brokers())
+                .set("enable.idempotence", "true")
+                .set("linger.ms", "5")
+                .create()
+                .unwrap(),
         };
         create_topic(&env.topic, PARTITIONS).await;
         create_topic(&env.changes_topic, 1).await;
@@ -72,12 +79,7 @@ impl StreamsEnv {
 
     /// Publishes rows as the ingest does: keyed and partitioned by organization, stamped now.
     pub async fn publish(&self, rows: &[AuditEventRow]) {
-        let producer: FutureProducer = ClientConfig::new()
-            .set("bootstrap.servers", audit_testkit::brokers())
-            .set("enable.idempotence", "true")
-            .set("linger.ms", "5")
-            .create()
-            .unwrap();
+        let producer = &self.producer;
         let now = chrono::Utc::now().timestamp_millis() as u64;
         let payloads: Vec<(String, i32, Vec<u8>)> = rows
             .iter()

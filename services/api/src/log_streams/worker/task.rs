@@ -217,25 +217,24 @@ fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
 }
 
-/// The offset of the first message stored at or after `at_ms` (the end if none).
+/// The offset of the first message stored at or after `at_ms`. None stored yet: the end of
+/// the partition as it was *before* the look-up (a message arriving meanwhile is not skipped).
 async fn offset_at(shared: &TaskShared, partition: i32, at_ms: i64) -> Result<i64, KafkaError> {
     let shared = shared.clone();
     tokio::task::spawn_blocking(move || {
         let consumer: rdkafka::consumer::BaseConsumer = shared.reader_config.create()?;
+        let (_, high_before) =
+            consumer.fetch_watermarks(&shared.topic, partition, Duration::from_secs(30))?;
         let mut list = TopicPartitionList::new();
         list.add_partition_offset(&shared.topic, partition, Offset::Offset(at_ms))?;
         let found = consumer.offsets_for_times(list, Duration::from_secs(30))?;
         let offset = found
             .find_partition(&shared.topic, partition)
             .map(|e| e.offset());
-        match offset {
-            Some(Offset::Offset(offset)) => Ok(offset),
-            _ => {
-                let (_, high) =
-                    consumer.fetch_watermarks(&shared.topic, partition, Duration::from_secs(30))?;
-                Ok(high)
-            }
-        }
+        Ok(match offset {
+            Some(Offset::Offset(offset)) => offset,
+            _ => high_before,
+        })
     })
     .await
     .expect("offset lookup task")

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Schema-driven fuzzing of the read API: schemathesis (from PyPI, pinned) generates requests
+# Schema-driven fuzzing of the API (reads and log-stream management): schemathesis (from PyPI, pinned) generates requests
 # from schemas/openapi/audit-logs.openapi.json and sends them to a real audit-api in front of
 # the local ClickHouse, seeded with events. Fails on any 5xx, any response that breaks the
 # document, and any schema-violating request that is accepted. Part of `make test`.
@@ -38,6 +38,9 @@ export AUDIT_API__HTTP_LISTEN="127.0.0.1:$port"
 export AUDIT_API__CLICKHOUSE__URL="$ch"
 export AUDIT_API__CLICKHOUSE__DATABASE="$database"
 export AUDIT_API__READ_EVENTS__ENABLED=false
+# Log streams on (a throwaway key): their management endpoints are fuzzed too.
+AUDIT_API__STREAMS__SECRET_KEY="$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
+export AUDIT_API__STREAMS__SECRET_KEY
 export AUDIT_API__RATE_LIMIT__REQUESTS_PER_SECOND=0
 export AUDIT_API__TELEMETRY__LOG_FILTER=warn
 api_log="$AUDIT_STATE_DIR/fuzz-api.log"
@@ -69,7 +72,7 @@ curl -fs "$ch/?database=$database" --data-binary "INSERT INTO audit_events SELEC
   FROM system.numbers LIMIT 500" >/dev/null
 wait_until 30 "the key" curl -fs -H "X-API-Key: $key" "http://127.0.0.1:$port/api/v1/organization/audit-logs?limit=1" -o /dev/null
 
-log "fuzzing the read API ($EXAMPLES examples per operation, seed $SEED)"
+log "fuzzing the API ($EXAMPLES examples per operation, seed $SEED)"
 # A throwaway key of a throwaway database: fine on the command line.
 out="$AUDIT_STATE_DIR/fuzz-output.log"
 status=0

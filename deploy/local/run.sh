@@ -13,6 +13,8 @@ SERVICES_DIR="$AUDIT_STATE_DIR/services"
 mkdir -p "$SERVICES_DIR"
 INGEST_PORT="${AUDIT_INGEST_HTTP_PORT:-18081}"
 API_PORT="${AUDIT_API_HTTP_PORT:-18080}"
+STREAMS_PORT="${AUDIT_STREAMS_HTTP_PORT:-18082}"
+RECEIVER_PORT="${AUDIT_DEMO_RECEIVER_PORT:-18083}"
 
 # Ctrl-C under `make run | tee run.log` ends the reader of our output too: a write to it must
 # fail (and be ignored, see `log`) rather than kill this script before it stops the stack.
@@ -45,6 +47,16 @@ export AUDIT_API__CLICKHOUSE__URL="$AUDIT_INGEST__CLICKHOUSE__URL"
 export AUDIT_API__READ_EVENTS__BROKERS="$AUDIT_INGEST__KAFKA__BROKERS"
 export AUDIT_API__HTTP_LISTEN="127.0.0.1:$API_PORT"
 export AUDIT_API__TELEMETRY__LOG_FORMAT="${AUDIT_API__TELEMETRY__LOG_FORMAT:-pretty}"
+# Log streams: a key kept across runs (the streams' secrets are sealed with it), and loopback
+# http:// destinations allowed, for the demo receiver.
+if [[ ! -s "$SERVICES_DIR/streams-secret-key" ]]; then
+  (umask 077; python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())' \
+    >"$SERVICES_DIR/streams-secret-key")
+fi
+AUDIT_API__STREAMS__SECRET_KEY="$(cat "$SERVICES_DIR/streams-secret-key")"
+export AUDIT_API__STREAMS__SECRET_KEY
+export AUDIT_API__STREAMS__ALLOW_HTTP=true
+export AUDIT_API__STREAMS__ALLOW_PRIVATE_DESTINATIONS=true
 
 log "starting audit-ingest (log: $SERVICES_DIR/ingest.log)"
 target/debug/audit-ingest run >"$SERVICES_DIR/ingest.log" 2>&1 &
@@ -57,6 +69,22 @@ target/debug/audit-api serve >"$SERVICES_DIR/api.log" 2>&1 &
 service_pids+=($!)
 wait_until 60 "audit-api" curl -fs "http://127.0.0.1:$API_PORT/readyz" \
   || { tail -n 30 "$SERVICES_DIR/api.log" >&2; die "audit-api did not become ready"; }
+log "starting the stream worker (log: $SERVICES_DIR/streams.log)"
+AUDIT_API__HTTP_LISTEN="127.0.0.1:$STREAMS_PORT" target/debug/audit-api streams run \
+  >"$SERVICES_DIR/streams.log" 2>&1 &
+service_pids+=($!)
+wait_until 60 "the stream worker" curl -fs "http://127.0.0.1:$STREAMS_PORT/readyz" \
+  || { tail -n 30 "$SERVICES_DIR/streams.log" >&2; die "the stream worker did not become ready"; }
+# The demo SIEM: org_demo's webhook stream delivers to it (created once, kept across runs).
+python3 "$LOCAL_DIR/demo-receiver.py" "$RECEIVER_PORT" "$SERVICES_DIR/demo-siem.log" &
+service_pids+=($!)
+if ! target/debug/audit-api streams list --org org_demo | grep -q '"name": "make run demo"'; then
+  target/debug/audit-api streams create --org org_demo --json \
+    "{\"name\": \"make run demo\", \"destination\": {\"type\": \"webhook\", \"url\": \"http://127.0.0.1:$RECEIVER_PORT/\"}}" \
+    >"$SERVICES_DIR/demo-stream.json"
+  chmod 600 "$SERVICES_DIR/demo-stream.json"
+fi
+
 # A fresh admin key for the demo organization on every run (shown once, stored hashed).
 DEMO_KEY="$(target/debug/audit-api keys create --org org_demo --role admin --name "make run demo" --quiet)"
 printf '%s\n' "$DEMO_KEY" >"$SERVICES_DIR/demo-api-key"
@@ -92,6 +120,12 @@ cat <<MSG
     curl -s -H "X-API-Key: \$KEY" 'http://127.0.0.1:$API_PORT/api/v1/organization/audit-logs/export?format=ndjson' | head -3
 
     audit-api     http://127.0.0.1:$API_PORT  (/openapi.json, /metrics; log: $SERVICES_DIR/api.log)
+    streams       http://127.0.0.1:$STREAMS_PORT/metrics  (the stream worker; log: $SERVICES_DIR/streams.log)
+
+  org_demo's log stream "make run demo" delivers its new events to a local webhook receiver,
+  which writes them to $SERVICES_DIR/demo-siem.log ($(wc -l <"$SERVICES_DIR/demo-siem.log" 2>/dev/null || echo 0) so far):
+
+    curl -s -H "X-API-Key: \$KEY" 'http://127.0.0.1:$API_PORT/api/v1/organization/audit-log-streams'
 
   More events: target/debug/audit-loadgen --count 1000
   More keys:   target/debug/audit-api keys create --org org_acme --role admin

@@ -10,6 +10,8 @@
   `shared/event/src/topics.rs`.
 """
 import argparse
+import base64
+import http.server
 import json
 import os
 import pathlib
@@ -18,6 +20,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import tomllib
 import urllib.request
@@ -151,7 +154,7 @@ def check_compose():
           "make run's ingest topics are no longer the identity topics and the read events: update the checks")
 
 
-METRIC = re.compile(r"\baudit_(?:ingest|api)_[a-z_]+")
+METRIC = re.compile(r"\baudit_(?:ingest|api|stream)_[a-z_]+")
 
 
 def used_metrics():
@@ -179,7 +182,8 @@ def used_metrics():
             exprs.append(("rule: " + rule["alert"], rule["expr"]))
     for where, expr in exprs:
         check(expr.count("(") == expr.count(")") and expr.count("{") == expr.count("}"), f"{where}: unbalanced {expr}")
-    for needed in ["consumer_lag", "dead_lettered", "newest_occurred_at", "last_progress_timestamp", "requests_total"]:
+    for needed in ["consumer_lag", "dead_lettered", "newest_occurred_at", "last_progress_timestamp", "requests_total",
+                   "audit_stream_state", "audit_stream_lag_seconds"]:
         check(any(needed in e for _, e in exprs if _.startswith("rule")), f"no alert on {needed}")
     names = {}
     for where, expr in exprs:
@@ -207,22 +211,40 @@ def wait_http(url, timeout=60):
     return False
 
 
+class Accepting(http.server.BaseHTTPRequestHandler):
+    """A webhook receiver that takes everything (the check's stream delivers to it)."""
+
+    def do_POST(self):
+        self.rfile.read(int(self.headers.get("content-length", 0)))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
 def exported_metrics():
     """Runs both services against the local stack, sends them traffic, reads /metrics."""
     brokers = os.environ.get("AUDIT_TEST_KAFKA_BROKERS", "127.0.0.1:19092")
     clickhouse = os.environ.get("AUDIT_TEST_CLICKHOUSE_URL", "http://127.0.0.1:18123")
     suffix = uuid.uuid4().hex[:10]
     database = f"audit_deploy_check_{suffix}"
-    topics = [f"test.deploy.{t}.{suffix}" for t in ("users", "teams", "auth", "dlq", "reads")]
+    topics = [f"test.deploy.{t}.{suffix}" for t in ("users", "teams", "auth", "dlq", "reads", "stored")]
     kafka_lib = f"{os.environ.get('AUDIT_STATE_DIR', ROOT / '.state')}/kafka-4.1.1/lib/*"
     for topic in topics:
         subprocess.run(["java", "-cp", kafka_lib, "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", brokers,
                         "--create", "--topic", topic, "--partitions", "1", "--replication-factor", "1"],
                        check=True, capture_output=True)
-    ingest_port, api_port = free_port(), free_port()
+    ingest_port, api_port, streams_port = free_port(), free_port(), free_port()
+    receiver = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Accepting)
+    threading.Thread(target=receiver.serve_forever, daemon=True).start()
     env = dict(os.environ)
     env.update({
-        "AUDIT_INGEST__KAFKA__BROKERS": brokers, "AUDIT_INGEST__KAFKA__TOPICS": ",".join(topics[:3] + topics[4:]),
+        "AUDIT_INGEST__KAFKA__BROKERS": brokers, "AUDIT_INGEST__KAFKA__TOPICS": ",".join(topics[:3] + topics[4:5]),
+        "AUDIT_INGEST__STORED_EVENTS__TOPIC": topics[5], "AUDIT_API__STREAMS__TOPIC": topics[5],
+        "AUDIT_API__STREAMS__SECRET_KEY": base64.b64encode(os.urandom(32)).decode(),
+        "AUDIT_API__STREAMS__ALLOW_HTTP": "true", "AUDIT_API__STREAMS__ALLOW_PRIVATE_DESTINATIONS": "true",
+        "AUDIT_API__STREAMS__GROUP_ID": f"deploy-check-streams-{suffix}",
         "AUDIT_INGEST__KAFKA__GROUP_ID": f"deploy-check-{suffix}", "AUDIT_INGEST__DEAD_LETTER__TOPIC": topics[3],
         "AUDIT_INGEST__CLICKHOUSE__URL": clickhouse, "AUDIT_INGEST__CLICKHOUSE__DATABASE": database,
         "AUDIT_INGEST__HTTP_LISTEN": f"127.0.0.1:{ingest_port}", "AUDIT_INGEST__TELEMETRY__LOG_FILTER": "warn",
@@ -236,6 +258,13 @@ def exported_metrics():
         check(wait_http(f"http://127.0.0.1:{ingest_port}/readyz"), "audit-ingest did not become ready")
         processes.append(subprocess.Popen([target / "audit-api", "serve"], env=env, stdout=subprocess.DEVNULL))
         check(wait_http(f"http://127.0.0.1:{api_port}/readyz"), "audit-api did not become ready")
+        subprocess.run([target / "audit-api", "streams", "create", "--org", "org_check", "--json", json.dumps(
+            {"name": "check", "destination": {"type": "webhook", "url": f"http://127.0.0.1:{receiver.server_port}/"}})],
+            env=env, check=True, capture_output=True)
+        processes.append(subprocess.Popen([target / "audit-api", "streams", "run"],
+                                          env=dict(env, AUDIT_API__HTTP_LISTEN=f"127.0.0.1:{streams_port}"),
+                                          stdout=subprocess.DEVNULL))
+        check(wait_http(f"http://127.0.0.1:{streams_port}/readyz"), "the stream worker did not become ready")
         subprocess.run([target / "audit-loadgen", "--brokers", brokers, "--count", "50", "--users-topic", topics[0],
                         "--teams-topic", topics[1], "--auth-topic", topics[2], "--orgs", "org_check"],
                        check=True, capture_output=True)
@@ -248,9 +277,9 @@ def exported_metrics():
             request = urllib.request.Request(f"http://127.0.0.1:{api_port}{path}", headers={"X-API-Key": key})
             with urllib.request.urlopen(request, timeout=10) as r:
                 r.read()
-        time.sleep(2)  # read events published, ingest lag and offsets reported
+        time.sleep(2)  # read events published, ingest lag and offsets reported, streams delivered
         exported = set()
-        for port in (ingest_port, api_port):
+        for port in (ingest_port, api_port, streams_port):
             with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
                 for line in r.read().decode().splitlines():
                     m = re.match(r"# TYPE (\S+) ", line)
@@ -262,6 +291,7 @@ def exported_metrics():
             p.send_signal(signal.SIGTERM)
         for p in processes:
             p.wait(timeout=30)
+        receiver.shutdown()
         urllib.request.urlopen(urllib.request.Request(clickhouse, data=f"DROP DATABASE IF EXISTS {database}".encode()))
         for topic in topics:
             subprocess.run(["java", "-cp", kafka_lib, "org.apache.kafka.tools.TopicCommand", "--bootstrap-server", brokers,
@@ -275,9 +305,9 @@ def check_service_monitors(rendered):
             if doc and doc.get("kind") == "ServiceMonitor":
                 found += 1
                 spec = doc["spec"]
-                check(spec["selector"]["matchLabels"].get("app.kubernetes.io/component") in {"api", "ingest"}, "ServiceMonitor selector")
+                check(spec["selector"]["matchLabels"].get("app.kubernetes.io/component") in {"api", "ingest", "streams"}, "ServiceMonitor selector")
                 check(spec["endpoints"][0]["port"] == "http" and spec["endpoints"][0]["path"] == "/metrics", "ServiceMonitor endpoint")
-    check(found == 2, f"expected 2 ServiceMonitors with every feature on, found {found}")
+    check(found == 3, f"expected 3 ServiceMonitors with every feature on, found {found}")
 
 
 def check_topics(values):

@@ -44,6 +44,8 @@ pub enum ApiError {
     StreamNotFound,
     #[error("{0}")]
     StreamLimit(String),
+    #[error("this stream is not a webhook: it has no signing secret")]
+    NotAWebhook,
     #[error("log streams are not configured on this server")]
     StreamsNotConfigured,
     /// Anything else: logged in full, answered without detail.
@@ -67,6 +69,7 @@ impl ApiError {
             ApiError::InvalidBody { .. } => "invalid_request",
             ApiError::StreamNotFound => "stream_not_found",
             ApiError::StreamLimit(_) => "stream_limit",
+            ApiError::NotAWebhook => "not_a_webhook",
             ApiError::StreamsNotConfigured => "streams_not_configured",
             ApiError::Internal(_) => "internal_error",
         }
@@ -77,7 +80,7 @@ impl ApiError {
             ApiError::InvalidParameter { .. } | ApiError::InvalidBody { .. } => {
                 StatusCode::BAD_REQUEST
             }
-            ApiError::StreamLimit(_) => StatusCode::CONFLICT,
+            ApiError::StreamLimit(_) | ApiError::NotAWebhook => StatusCode::CONFLICT,
             ApiError::MissingKey | ApiError::InvalidKey => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden => StatusCode::FORBIDDEN,
             ApiError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
@@ -210,6 +213,7 @@ impl From<crate::log_streams::manage::ManageError> for ApiError {
             ManageError::NotFound => ApiError::StreamNotFound,
             ManageError::TooMany => ApiError::StreamLimit(err.to_string()),
             ManageError::NotConfigured => ApiError::StreamsNotConfigured,
+            ManageError::NotAWebhook => ApiError::NotAWebhook,
             ManageError::Store(err) => err.into(),
             ManageError::Secrets(..) => ApiError::Internal(err.to_string()),
         }

@@ -31,9 +31,29 @@ async fn send(
 
 const STREAMS: &str = "/api/v1/organization/audit-log-streams";
 
+/// Fails unless `value` is valid under the OpenAPI document's schema `name`.
+fn conforms(name: &str, value: &Value) {
+    let document: Value = serde_json::from_str(include_str!(
+        "../../../schemas/openapi/audit-logs.openapi.json"
+    ))
+    .unwrap();
+    let mut schema = json!({"$ref": format!("#/components/schemas/{name}")});
+    schema["components"] = document["components"].clone();
+    let validator = jsonschema::draft202012::options()
+        .should_validate_formats(true)
+        .build(&schema)
+        .unwrap();
+    let problems: Vec<String> = validator
+        .iter_errors(value)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(problems.is_empty(), "{name}: {problems:?}\n{value}");
+}
+
 async fn create(api: &TestApi, key: &str, body: Value) -> Value {
     let (status, created) = send(api, reqwest::Method::POST, key, STREAMS, Some(body)).await;
     assert_eq!(status, StatusCode::CREATED, "{created}");
+    conforms("LogStream", &created);
     created
 }
 
@@ -47,6 +67,7 @@ async fn stream(api: &TestApi, key: &str, id: &str) -> Value {
     )
     .await;
     assert_eq!(status, StatusCode::OK, "{body}");
+    conforms("LogStream", &body);
     body
 }
 
@@ -150,6 +171,7 @@ async fn every_event_reaches_its_organizations_streams_once_in_order_signed_and_
     create(&api, &globex, webhook("globex", &other)).await;
     // Shown once: never again.
     let (_, listed) = send(&api, reqwest::Method::GET, &acme, STREAMS, None).await;
+    conforms("LogStreamList", &listed);
     assert_eq!(listed["data"].as_array().unwrap().len(), 2, "{listed}");
     assert!(!listed.to_string().contains(&secret));
 
@@ -331,6 +353,7 @@ async fn one_organization_cannot_see_or_touch_anothers_streams_and_secrets_stay_
     ] {
         let (status, answer) = send(&api, Method::POST, &acme, STREAMS, Some(body.clone())).await;
         assert_eq!(status, StatusCode::BAD_REQUEST, "{body}: {answer}");
+        conforms("Error", &answer);
         assert_eq!(answer["error"]["field"], field, "{body}: {answer}");
         assert!(!answer.to_string().contains("SELECT"));
     }
@@ -347,6 +370,7 @@ async fn one_organization_cannot_see_or_touch_anothers_streams_and_secrets_stay_
     // The test endpoint reaches the destination and reports its answer.
     let (status, tested) = send(&api, Method::POST, &acme, &format!("{path}/test"), None).await;
     assert_eq!(status, StatusCode::OK, "{tested}");
+    conforms("LogStreamTest", &tested);
     assert_eq!(tested["delivered"], true, "{tested}");
     assert_eq!(tested["status"], 200);
     let sent = hec.events();
@@ -628,11 +652,22 @@ async fn replay_sends_again_from_a_time() {
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(receiver.ids(), twice);
-    // A time to come is refused, naming the parameter.
+    // A time to come re-sends nothing and changes nothing.
     let future = format!("{STREAMS}/{id}/replay?from=2999-01-01T00:00:00Z");
-    let (status, answer) = send(&api, reqwest::Method::POST, &acme, &future, None).await;
+    let (status, _) = send(&api, reqwest::Method::POST, &acme, &future, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED);
+    let (status, answer) = send(
+        &api,
+        reqwest::Method::POST,
+        &acme,
+        &format!("{STREAMS}/{id}/replay?from=yesterday"),
+        None,
+    )
+    .await;
     assert_eq!(status, StatusCode::BAD_REQUEST);
-    assert_eq!(answer["error"]["field"], "from", "{answer}");
+    assert_eq!(answer["error"]["parameter"], "from", "{answer}");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(receiver.ids(), twice);
     let kinds: Vec<Value> = env
         .changes()
         .into_iter()

@@ -199,3 +199,15 @@ otlp_endpoint = {{ .Values.telemetry.otlpEndpoint | quote }}
 {{ $key | quote }} = {{ $value | toString | quote }}
 {{- end }}
 {{- end -}}
+
+{{/* The stream key's environment variable, for the API and the stream worker. */}}
+{{- define "audit-logs.streamsKeyEnv" -}}
+{{- $key := .Values.streams.secretKey -}}
+{{- if and .Values.streams.enabled (or $key.create $key.existingSecret) }}
+- name: AUDIT_API__STREAMS__SECRET_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $key.existingSecret | default (printf "%s-streams" (include "audit-logs.fullname" .)) }}
+      key: {{ $key.key }}
+{{- end }}
+{{- end -}}

@@ -36,6 +36,8 @@ pub enum ManageError {
     NotFound,
     #[error("an organization may have at most {MAX_STREAMS_PER_ORGANIZATION} log streams")]
     TooMany,
+    #[error("this stream is not a webhook: it has no signing secret")]
+    NotAWebhook,
     #[error("log streams are not configured on this server (streams.secret_key is not set)")]
     NotConfigured,
     #[error(transparent)]
@@ -315,7 +317,7 @@ impl StreamAdmin {
             organization_id: organization_id.to_owned(),
             stream_id: stream_id.clone(),
             version: version_after(0),
-            name: request.name.trim().to_owned(),
+            name: request.name.clone(),
             kind: settings.destination.kind().to_owned(),
             settings: serde_json::to_string(&settings).expect("settings serialize"),
             secrets: self.seal(&stream_id, &secrets)?,
@@ -354,7 +356,7 @@ impl StreamAdmin {
         let mut row = old.clone();
         if let Some(name) = &request.name {
             check_name(name)?;
-            row.name = name.trim().to_owned();
+            row.name = name.clone();
         }
         let mut secret_changed = false;
         if let Some(value) = request.destination {
@@ -369,13 +371,15 @@ impl StreamAdmin {
                     )
                     .into())
                 }
-                (Destination::Webhook { .. }, None) if !same_kind => {
-                    secrets = Secrets::default();
-                    secrets.signing.push(SigningSecret {
-                        secret: signing::generate_secret(),
-                        created_at_ms: now_ms(),
-                        expires_at_ms: None,
-                    });
+                (Destination::Webhook { .. }, None) => {
+                    if !same_kind {
+                        secrets = Secrets::default();
+                        secrets.signing.push(SigningSecret {
+                            secret: signing::generate_secret(),
+                            created_at_ms: now_ms(),
+                            expires_at_ms: None,
+                        });
+                    }
                 }
                 (Destination::SplunkHec { .. }, Some(token)) => {
                     secrets = Secrets {
@@ -391,13 +395,13 @@ impl StreamAdmin {
                     };
                     secret_changed = true;
                 }
-                (Destination::SplunkHec { .. }, None) if !same_kind => {
+                // A destination replaces the old one, its secret included.
+                (Destination::SplunkHec { .. }, None) => {
                     return Err(invalid("destination.token", "required").into())
                 }
-                (Destination::Datadog { .. }, None) if !same_kind => {
+                (Destination::Datadog { .. }, None) => {
                     return Err(invalid("destination.apiKey", "required").into())
                 }
-                _ => {}
             }
             settings.destination = destination;
         }
@@ -485,7 +489,7 @@ impl StreamAdmin {
         }
         let mut row = self.current(organization_id, id).await?;
         if row.kind != "webhook" {
-            return Err(invalid("id", "only webhook streams have a signing secret").into());
+            return Err(ManageError::NotAWebhook);
         }
         let mut secrets = self.open(&row)?;
         let now = now_ms();
@@ -531,10 +535,12 @@ impl StreamAdmin {
         id: &str,
         from_ms: i64,
     ) -> Result<StreamView, ManageError> {
-        if from_ms > now_ms() {
-            return Err(invalid("from", "must not be in the future").into());
-        }
         let mut row = self.current(organization_id, id).await?;
+        if from_ms > now_ms() {
+            // Nothing was stored since then: nothing to send again, no change.
+            let state = self.state_of(&row).await?;
+            return self.view(&row, state.as_ref());
+        }
         row.replay_seq += 1;
         row.replay_from_ms = from_ms;
         row.version = version_after(row.version);
@@ -614,17 +620,22 @@ impl StreamAdmin {
                 _ => "active",
             }
         };
-        let previous_secret_expires_at = if row.kind == "webhook" {
-            let secrets = self.open(row)?;
-            secrets
-                .signing
-                .iter()
-                .filter_map(|s| s.expires_at_ms)
-                .filter(|end| *end > now_ms())
-                .max()
-                .map(format_timestamp)
-        } else {
-            None
+        // Best effort: a stream whose secrets this server cannot open is still shown.
+        let previous_secret_expires_at = match row.kind.as_str() {
+            "webhook" => match self.open(row) {
+                Ok(secrets) => secrets
+                    .signing
+                    .iter()
+                    .filter_map(|s| s.expires_at_ms)
+                    .filter(|end| *end > now_ms())
+                    .max()
+                    .map(format_timestamp),
+                Err(err) => {
+                    warn!(error = %err, "stream secrets unreadable");
+                    None
+                }
+            },
+            _ => None,
         };
         Ok(StreamView {
             id: row.stream_id.clone(),

@@ -201,13 +201,13 @@ impl Destination {
                     "must not carry credentials; use the destination's token or key fields",
                 ));
             }
-            if url.len() > 2048 {
+            if url.chars().count() > 2048 {
                 return Err(invalid(field, "longer than 2048 characters"));
             }
             Ok(())
         };
         let plain = |field: &str, value: &str, max: usize| -> Result<(), InvalidField> {
-            if value.len() > max || value.chars().any(char::is_control) {
+            if value.chars().count() > max || !printable(value) {
                 return Err(invalid(
                     field,
                     format!("at most {max} printable characters"),
@@ -249,7 +249,7 @@ impl Destination {
                 service,
                 ddtags,
             } => {
-                if url.is_none() && !DATADOG_SITES.contains(&site.as_str()) {
+                if !DATADOG_SITES.contains(&site.as_str()) {
                     return Err(invalid(
                         "destination.site",
                         format!("one of {}", DATADOG_SITES.join(", ")),
@@ -324,22 +324,28 @@ impl Secrets {
     }
 }
 
+/// Printable: no control characters (Unicode category Cc).
+fn printable(value: &str) -> bool {
+    !value.chars().any(char::is_control)
+}
+
 /// The name of a stream, checked.
 pub fn check_name(name: &str) -> Result<(), InvalidField> {
-    let trimmed = name.trim();
-    if trimmed.is_empty() || trimmed.chars().count() > MAX_NAME_CHARS {
-        return Err(invalid("name", format!("1 to {MAX_NAME_CHARS} characters")));
-    }
-    if trimmed.chars().any(char::is_control) {
-        return Err(invalid("name", "must not contain control characters"));
+    let chars = name.chars().count();
+    if chars == 0 || chars > MAX_NAME_CHARS || !printable(name) {
+        return Err(invalid(
+            "name",
+            format!("1 to {MAX_NAME_CHARS} characters, no control characters"),
+        ));
     }
     Ok(())
 }
 
 /// A secret given by the caller (a HEC token, a Datadog key), checked.
 pub fn check_secret(field: &str, value: &str) -> Result<(), InvalidField> {
-    if value.trim().is_empty() || value.len() > 512 || value.chars().any(char::is_control) {
-        return Err(invalid(field, "1 to 512 printable characters"));
+    let chars = value.chars().count();
+    if chars == 0 || chars > 512 || !printable(value) {
+        return Err(invalid(field, "1 to 512 characters, no control characters"));
     }
     Ok(())
 }

@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
-use serde_json::json;
 
 use super::RequestInfo;
 use crate::auth::AdminCaller;
@@ -18,6 +17,11 @@ use crate::log_streams::manage::{Actor, CreateStream, UpdateStream};
 use crate::AppState;
 
 pub const STREAMS_PATH: &str = "/api/v1/organization/audit-log-streams";
+
+#[derive(serde::Serialize)]
+struct StreamList {
+    data: Vec<crate::log_streams::manage::StreamView>,
+}
 
 fn actor(caller: &AdminCaller, request: RequestInfo) -> Actor {
     Actor {
@@ -52,8 +56,8 @@ pub async fn list(
     State(state): State<AppState>,
     caller: AdminCaller,
 ) -> Result<Response, ApiError> {
-    let streams = state.streams.list(&caller.0.organization_id).await?;
-    Ok(Json(json!({ "data": streams })).into_response())
+    let data = state.streams.list(&caller.0.organization_id).await?;
+    Ok(Json(StreamList { data }).into_response())
 }
 
 pub async fn create(
@@ -91,6 +95,12 @@ pub async fn update(
     Path(id): Path<String>,
     bytes: Bytes,
 ) -> Result<Response, ApiError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::InvalidBody {
+            field: "body".into(),
+            message: "a JSON object of the fields to change is required".into(),
+        });
+    }
     let update: UpdateStream = body(&bytes)?;
     let view = state
         .streams
@@ -161,7 +171,26 @@ pub async fn replay(
 #[derive(Debug, Default, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 struct Rotation {
-    overlap_seconds: Option<u64>,
+    /// A JSON integer, also in a form like `300.0`.
+    overlap_seconds: Option<serde_json::Number>,
+}
+
+impl Rotation {
+    fn overlap(&self) -> Result<Option<u64>, ApiError> {
+        let Some(number) = &self.overlap_seconds else {
+            return Ok(None);
+        };
+        let whole = number.as_u64().or_else(|| {
+            number
+                .as_f64()
+                .filter(|f| f.fract() == 0.0 && *f >= 0.0 && *f <= u64::MAX as f64)
+                .map(|f| f as u64)
+        });
+        whole.map(Some).ok_or_else(|| ApiError::InvalidBody {
+            field: "overlapSeconds".into(),
+            message: "overlapSeconds: a whole number of seconds, 0 to 604800".into(),
+        })
+    }
 }
 
 pub async fn rotate_secret(
@@ -178,7 +207,7 @@ pub async fn rotate_secret(
             &caller.0.organization_id,
             &actor(&caller, request),
             &id,
-            rotation.overlap_seconds,
+            rotation.overlap()?,
         )
         .await?;
     Ok(Json(view).into_response())

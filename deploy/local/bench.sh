@@ -3,7 +3,8 @@
 # as needed). Each prints its table to stdout and keeps it in its RESULTS.md:
 #   ingest -> services/ingest/benches/RESULTS.md  (audit-ingest throughput, freshness, RSS)
 #   api    -> services/api/benches/RESULTS.md     (read latency on 10M events, CSV export)
-# `make bench` runs both; `make bench BENCH=api` (or ingest) runs one.
+#   streams -> services/api/benches/STREAMS.md    (log-stream delivery: throughput, latency, RSS)
+# `make bench` runs all three; `make bench BENCH=api` (or ingest, streams) runs one.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 which="${1:-all}"
@@ -28,4 +29,7 @@ if [[ "$which" == all || "$which" == ingest ]]; then
 fi
 if [[ "$which" == all || "$which" == api ]]; then
   run_bench audit-api read_latency services/api/benches/RESULTS.md
+fi
+if [[ "$which" == all || "$which" == streams ]]; then
+  run_bench audit-api stream_delivery services/api/benches/STREAMS.md
 fi

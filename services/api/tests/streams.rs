@@ -539,9 +539,26 @@ async fn a_refusing_destination_puts_the_stream_in_error_until_its_settings_chan
     )
     .await;
     let id = created["id"].as_str().unwrap().to_owned();
+    // And a webhook that answers 400 to everything.
+    let picky = Receiver::start(Intake::Webhook).await;
+    picky.set_mode(Mode::Status(400, None));
+    let picky_id = create(&api, &acme, webhook("picky", &picky)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     let _worker = WorkerProcess::spawn(&env, &api, &[]).await;
     let rows = events("org_acme", 2_500);
     env.publish(&rows[..1_000]).await;
+    let bad_request = wait_stream(&api, &acme, &picky_id, "error after a 400", |v| {
+        v["state"] == "error"
+    })
+    .await;
+    assert_eq!(bad_request["lastError"]["status"], 400, "{bad_request}");
+    assert!(bad_request["lastError"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("receiver answers 400"));
+    assert_eq!(picky.captured().len(), 1, "a 400 is not retried");
     let refused = wait_stream(&api, &acme, &id, "error after a 403", |v| {
         v["state"] == "error"
     })

@@ -976,3 +976,117 @@ async fn a_takeover_skips_what_the_previous_owner_stored_and_fills_its_copies() 
     ingest.wait_exit(Duration::from_secs(10)).await;
     env.drop_database().await;
 }
+
+/// The whole path of a log stream: identity topics, the ingest, the stored-events topic, the
+/// stream worker (the real `audit-api streams run`), a webhook receiver (`make run`'s demo SIEM).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_events_reach_the_organizations_log_stream_through_both_services() {
+    let env = TestEnv::new("e2e-stream", 3).await;
+    let mut ingest = IngestProcess::spawn(&env, &[]);
+    ingest.wait_ready(READY).await;
+    let api = ApiProcess::binary();
+    let receiver_port = free_port();
+    let siem = std::env::temp_dir().join(format!("{}-siem.log", env.group));
+    let mut receiver = std::process::Command::new("python3")
+        .arg(repo_root().join("deploy/local/demo-receiver.py"))
+        .arg(receiver_port.to_string())
+        .arg(&siem)
+        .spawn()
+        .unwrap();
+    let key = "ZGVtby1vbmx5LWtleS1kby1ub3QtdXNlLWluLXByb2Q=";
+    let worker_port = free_port();
+    let vars = [
+        ("AUDIT_API__CLICKHOUSE__URL", env.clickhouse.url.clone()),
+        (
+            "AUDIT_API__CLICKHOUSE__DATABASE",
+            env.clickhouse.database.clone(),
+        ),
+        ("AUDIT_API__READ_EVENTS__ENABLED", "false".to_owned()),
+        ("AUDIT_API__READ_EVENTS__BROKERS", brokers()),
+        ("AUDIT_API__STREAMS__SECRET_KEY", key.to_owned()),
+        ("AUDIT_API__STREAMS__TOPIC", env.stored_topic.clone()),
+        (
+            "AUDIT_API__STREAMS__GROUP_ID",
+            format!("{}-streams", env.group),
+        ),
+        ("AUDIT_API__STREAMS__ALLOW_HTTP", "true".to_owned()),
+        (
+            "AUDIT_API__STREAMS__ALLOW_PRIVATE_DESTINATIONS",
+            "true".to_owned(),
+        ),
+        ("AUDIT_API__HTTP_LISTEN", format!("127.0.0.1:{worker_port}")),
+        ("AUDIT_API__TELEMETRY__LOG_FILTER", "warn".to_owned()),
+    ];
+    let body = serde_json::json!({"name": "siem", "destination": {
+        "type": "webhook", "url": format!("http://127.0.0.1:{receiver_port}/")}});
+    let created = std::process::Command::new(&api)
+        .args([
+            "streams",
+            "create",
+            "--org",
+            "org_0",
+            "--json",
+            &body.to_string(),
+        ])
+        .envs(vars.iter().map(|(k, v)| (*k, v)))
+        .output()
+        .unwrap();
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
+    let mut worker = std::process::Command::new(&api)
+        .args(["streams", "run"])
+        .envs(vars.iter().map(|(k, v)| (*k, v)))
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let ready = format!("http://127.0.0.1:{worker_port}/readyz");
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while !matches!(reqwest::get(&ready).await, Ok(r) if r.status().is_success()) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the stream worker did not become ready"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events = generate_events("e2e", 300);
+    publish(&env, &producer(), &events).await;
+    let wanted: BTreeSet<String> = events
+        .iter()
+        .filter(|e| e["organizationId"] == "org_0")
+        .map(|e| e["id"].as_str().unwrap().to_owned())
+        .collect();
+    let delivered = || -> Vec<String> {
+        std::fs::read_to_string(&siem)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|line| line.split_whitespace().nth(2).map(str::to_owned))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + ARRIVE;
+    while delivered().len() < wanted.len() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{} of {} delivered",
+            delivered().len(),
+            wanted.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let got = delivered();
+    assert_eq!(
+        got.len(),
+        wanted.len(),
+        "an event twice, or another organization's"
+    );
+    assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), wanted);
+    let _ = worker.kill();
+    let _ = receiver.kill();
+    let _ = std::fs::remove_file(&siem);
+    ingest.signal(Signal::SIGTERM);
+    ingest.wait_exit(Duration::from_secs(10)).await;
+    env.drop_database().await;
+}

@@ -610,7 +610,7 @@ pub struct ApiProcess {
 }
 
 impl ApiProcess {
-    fn binary() -> PathBuf {
+    pub fn binary() -> PathBuf {
         if let Some(path) = std::env::var_os("AUDIT_API_BINARY") {
             return path.into();
         }

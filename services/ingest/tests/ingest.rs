@@ -1083,8 +1083,10 @@ async fn upstream_events_reach_the_organizations_log_stream_through_both_service
         "an event twice, or another organization's"
     );
     assert_eq!(got.into_iter().collect::<BTreeSet<_>>(), wanted);
-    let _ = worker.kill();
-    let _ = receiver.kill();
+    for child in [&mut worker, &mut receiver] {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
     let _ = std::fs::remove_file(&siem);
     ingest.signal(Signal::SIGTERM);
     ingest.wait_exit(Duration::from_secs(10)).await;

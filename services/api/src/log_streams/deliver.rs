@@ -25,7 +25,54 @@ pub struct DeliveryEvent {
     pub id: String,
     pub occurred_at_ms: i64,
     pub event_type: String,
-    pub payload: Value,
+    /// The event as JSON text.
+    pub payload: Box<serde_json::value::RawValue>,
+}
+
+#[derive(serde::Serialize)]
+struct WebhookBody<'a> {
+    #[serde(rename = "type")]
+    kind: &'static str,
+    timestamp: String,
+    data: WebhookData<'a>,
+}
+
+#[derive(serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+struct WebhookData<'a> {
+    stream_id: &'a str,
+    events: Vec<&'a serde_json::value::RawValue>,
+}
+
+#[derive(serde::Serialize)]
+struct HecEvent<'a> {
+    time: f64,
+    source: &'a str,
+    sourcetype: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    index: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    host: Option<&'a str>,
+    event: &'a serde_json::value::RawValue,
+}
+
+#[derive(serde::Serialize)]
+struct DatadogLog<'a> {
+    ddsource: &'a str,
+    service: &'a str,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    ddtags: &'a str,
+    hostname: &'static str,
+    timestamp: i64,
+    evt: DatadogEvt<'a>,
+    /// Datadog parses a JSON message into the log's attributes.
+    message: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct DatadogEvt<'a> {
+    id: &'a str,
+    name: &'a str,
 }
 
 /// What became of one attempt.
@@ -271,14 +318,14 @@ fn request(
     let body = match destination {
         Destination::Webhook { .. } => {
             let now = chrono::Utc::now();
-            let body = serde_json::to_vec(&json!({
-                "type": "audit_log.events",
-                "timestamp": now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
-                "data": {
-                    "streamId": stream_id,
-                    "events": events.iter().map(|e| &e.payload).collect::<Vec<_>>(),
+            let body = serde_json::to_vec(&WebhookBody {
+                kind: "audit_log.events",
+                timestamp: now.to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+                data: WebhookData {
+                    stream_id,
+                    events: events.iter().map(|e| &*e.payload).collect(),
                 },
-            }))
+            })
             .expect("JSON");
             let timestamp = now.timestamp();
             let in_force = secrets.signing_at(now.timestamp_millis());
@@ -303,19 +350,15 @@ fn request(
             headers.extend(splunk_headers(secrets, stream_id, *acknowledgements)?);
             let mut body = Vec::new();
             for event in events {
-                let mut object = json!({
+                let object = HecEvent {
                     // HEC's time: epoch seconds, milliseconds as decimals.
-                    "time": event.occurred_at_ms as f64 / 1000.0,
-                    "source": source,
-                    "sourcetype": sourcetype,
-                    "event": event.payload,
-                });
-                if let Some(index) = index {
-                    object["index"] = json!(index);
-                }
-                if let Some(host) = host {
-                    object["host"] = json!(host);
-                }
+                    time: event.occurred_at_ms as f64 / 1000.0,
+                    source,
+                    sourcetype,
+                    index: index.as_deref(),
+                    host: host.as_deref(),
+                    event: &event.payload,
+                };
                 serde_json::to_writer(&mut body, &object).expect("JSON");
                 body.push(b'\n');
             }
@@ -336,22 +379,19 @@ fn request(
                 HeaderValue::from_str(key)
                     .map_err(|_| "the Datadog API key is not a header value")?,
             );
-            let entries: Vec<Value> = events
+            let entries: Vec<DatadogLog<'_>> = events
                 .iter()
-                .map(|event| {
-                    let mut entry = json!({
-                        "ddsource": ddsource,
-                        "service": service,
-                        "hostname": "audit-logs",
-                        "timestamp": event.occurred_at_ms,
-                        "evt": {"id": event.id, "name": event.event_type},
-                        // Datadog parses a JSON message into the log's attributes.
-                        "message": event.payload.to_string(),
-                    });
-                    if !ddtags.is_empty() {
-                        entry["ddtags"] = json!(ddtags);
-                    }
-                    entry
+                .map(|event| DatadogLog {
+                    ddsource,
+                    service,
+                    ddtags,
+                    hostname: "audit-logs",
+                    timestamp: event.occurred_at_ms,
+                    evt: DatadogEvt {
+                        id: &event.id,
+                        name: &event.event_type,
+                    },
+                    message: event.payload.get(),
                 })
                 .collect();
             serde_json::to_vec(&entries).expect("JSON")

@@ -2,6 +2,7 @@
 //! "Log streams" documents the mapping field by field), made from the row the ingest stored.
 
 use audit_store::AuditEventRow;
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 
 use super::spec::PayloadFormat;
@@ -35,14 +36,13 @@ pub fn record_of(row: &AuditEventRow) -> EventRecord<'_> {
     }
 }
 
-/// The event in `format`, as a JSON value.
-pub fn render(row: &AuditEventRow, format: PayloadFormat) -> Value {
+/// The event in `format`, as JSON text (serialized once; request bodies embed it verbatim).
+pub fn render(row: &AuditEventRow, format: PayloadFormat) -> Box<RawValue> {
     match format {
-        PayloadFormat::Json => {
-            serde_json::to_value(EventItem::from(&record_of(row))).expect("an item serializes")
-        }
-        PayloadFormat::Ocsf => ocsf(row),
+        PayloadFormat::Json => serde_json::value::to_raw_value(&EventItem::from(&record_of(row))),
+        PayloadFormat::Ocsf => serde_json::value::to_raw_value(&ocsf(row)),
     }
+    .expect("an event serializes")
 }
 
 /// OCSF class, activity and their names for an event type.
@@ -250,7 +250,9 @@ mod tests {
 
     #[test]
     fn json_payloads_are_the_api_item() {
-        let item = render(&row("team_member.added"), PayloadFormat::Json);
+        let item: Value =
+            serde_json::from_str(render(&row("team_member.added"), PayloadFormat::Json).get())
+                .unwrap();
         assert_eq!(item["id"], "evt_1");
         assert_eq!(item["eventType"], "team_member.added");
         assert_eq!(item["timestamp"], "2023-11-14T22:13:20.123Z");

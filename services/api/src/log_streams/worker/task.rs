@@ -65,6 +65,8 @@ pub struct TaskShared {
 
 /// A batch read from the topic.
 struct Batch {
+    /// The offset the batch starts at.
+    start: i64,
     events: Vec<DeliveryEvent>,
     /// The offset after the last message the batch covers (its events and the skipped ones).
     end: i64,
@@ -84,6 +86,8 @@ struct Reader {
     next: i64,
     /// An event read but not fitting the previous batch: the next batch starts with it.
     carried: Option<(i64, DeliveryEvent, i64, usize)>,
+    /// The batch read while the previous one was being delivered.
+    ready: Option<Batch>,
 }
 
 impl Reader {
@@ -102,6 +106,7 @@ impl Reader {
             partition,
             next: offset,
             carried: None,
+            ready: None,
         })
     }
 
@@ -135,6 +140,7 @@ impl Reader {
         idle: Duration,
     ) -> Result<Batch, KafkaError> {
         let (max_events, max_bytes) = deliver::limits(&config.settings.destination);
+        let start = self.carried.as_ref().map_or(self.next, |c| c.0);
         let mut events = Vec::new();
         let mut bytes = 0usize;
         let mut oldest = 0i64;
@@ -192,7 +198,7 @@ impl Reader {
                 payload: payload::render(&row, config.settings.format),
             };
             // The body's share of this event (its payload and the envelope around it).
-            let size = event.payload.to_string().len() + 160;
+            let size = event.payload.get().len() + 160;
             if !events.is_empty() && bytes + size > max_bytes {
                 self.carried = Some((offset, event, row.ingested_at_ms as i64, size));
                 break;
@@ -206,6 +212,7 @@ impl Reader {
             end = self.next;
         }
         Ok(Batch {
+            start,
             events,
             end,
             oldest_ingested_ms: oldest,
@@ -344,8 +351,16 @@ impl StreamTask {
                     }
                 }
             }
+            let position = self.state.next_offset;
             let active = match &mut reader {
-                Some(reader) if reader.next == self.state.next_offset => reader,
+                Some(reader)
+                    if reader
+                        .ready
+                        .as_ref()
+                        .map_or(reader.next == position, |b| b.start == position) =>
+                {
+                    reader
+                }
                 _ => match Reader::open(&self.shared, self.partition, self.state.next_offset) {
                     Ok(opened) => reader.insert(opened),
                     Err(err) => {
@@ -358,9 +373,12 @@ impl StreamTask {
                 },
             };
             let linger = Duration::from_millis(self.shared.streams.batch_linger_ms);
-            let batch = tokio::select! {
-                _ = self.stop.cancelled() => break,
-                batch = active.next_batch(&config, linger, Duration::from_secs(1)) => batch,
+            let batch = match active.ready.take() {
+                Some(batch) => Ok(batch),
+                None => tokio::select! {
+                    _ = self.stop.cancelled() => break,
+                    batch = active.next_batch(&config, linger, Duration::from_secs(1)) => batch,
+                },
             };
             let batch = match batch {
                 Ok(batch) => batch,
@@ -385,10 +403,18 @@ impl StreamTask {
                 }
                 continue;
             }
-            match self.deliver(&batch, behind).await {
-                Some(true) => {}
-                Some(false) => reader = None,
-                None => break,
+            // The next batch is read (and rendered) while this one is sent.
+            let (delivered, next) = tokio::join!(
+                self.deliver(&batch, behind),
+                active.next_batch(&config, linger, Duration::from_secs(1))
+            );
+            // Read with these settings: kept only if they still hold.
+            let unchanged = self.config.borrow().row.version == config.row.version;
+            match (delivered, next) {
+                (Some(true), Ok(next)) if unchanged => active.ready = Some(next),
+                (Some(true), _) => reader = None,
+                (Some(false), _) => reader = None,
+                (None, _) => break,
             }
         }
         // Stopped: the position written is the last batch delivered.

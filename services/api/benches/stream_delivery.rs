@@ -375,6 +375,23 @@ async fn main() {
     let seconds = (done - started).as_secs_f64();
     let throughput = THROUGHPUT_EVENTS as f64 / seconds;
     let throughput_cpu = audit_testkit::proc_cpu_seconds(pid).unwrap_or(0.0) - cpu_before;
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let metric = |name: &str| -> f64 {
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let requests = metric("audit_stream_request_seconds_count{kind=\"webhook\"}");
+    let request_ms =
+        metric("audit_stream_request_seconds_sum{kind=\"webhook\"}") / requests * 1000.0;
 
     // 2. Latency at 5,000 events/s.
     receivers[1].counts.record.store(true, Ordering::Relaxed);
@@ -430,6 +447,9 @@ async fn main() {
     println!(
         "| worker CPU during it (core-seconds per 100,000 events) | {:.2} | - | - |",
         throughput_cpu / THROUGHPUT_EVENTS as f64 * 100_000.0
+    );
+    println!(
+        "| during it: requests, and their mean duration (ms) | {requests:.0} requests, {request_ms:.1} ms | - | - |"
     );
     println!(
         "| publish-to-delivered p50 at {RATE} events/s for {LATENCY_SECONDS} s (ms) | {p50:.0} | - | - |"

@@ -103,7 +103,12 @@ impl Worker {
         let reader_config = audit_runtime::kafka::client_config(
             &connection,
             &[
+                // Read-ahead per stream: bounded (a stream waiting for its destination holds at
+                // most this), and refilled at once when drained (librdkafka's default back-off
+                // of 1 s after the queue was full capped a stream at about 6,000 events/s).
                 ("queued.max.messages.kbytes", "4096"),
+                ("queued.min.messages", "10000"),
+                ("fetch.queue.backoff.ms", "10"),
                 ("fetch.wait.max.ms", "100"),
                 ("fetch.max.bytes", "8388608"),
             ],

@@ -942,3 +942,43 @@ async fn replicas_share_the_streams_and_a_rebalance_sends_nothing_twice() {
     );
     api.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_that_cannot_open_a_streams_secrets_says_so_and_one_that_can_delivers() {
+    let env = StreamsEnv::new("wrongkey").await;
+    let api = env.api("streams_wrongkey").await;
+    let acme = api.key("org_acme", Role::Admin).await;
+    let receiver = Receiver::start(Intake::Webhook).await;
+    let id = create(&api, &acme, webhook("siem", &receiver)).await["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let other_key = "b3RoZXItMzItYnl0ZS1rZXktZm9yLXRoZS10ZXN0cyE=";
+    let wrong =
+        WorkerProcess::spawn(&env, &api, &[("AUDIT_API__STREAMS__SECRET_KEY", other_key)]).await;
+    let rows = events("org_acme", 50);
+    env.publish(&rows).await;
+    let view = wait_stream(&api, &acme, &id, "error: secrets unreadable", |v| {
+        v["state"] == "error"
+    })
+    .await;
+    assert!(
+        view["lastError"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("streams.secret_key"),
+        "{view}"
+    );
+    assert!(view["lastError"]["status"].is_null(), "{view}");
+    assert!(receiver.ids().is_empty());
+    drop(wrong);
+    let _right = WorkerProcess::spawn(&env, &api, &[]).await;
+    assert_eq!(
+        receiver
+            .wait_for(&ids(&rows), Duration::from_secs(30))
+            .await,
+        ids(&rows)
+    );
+    wait_stream(&api, &acme, &id, "active again", |v| v["state"] == "active").await;
+    api.stop().await;
+}

@@ -52,7 +52,8 @@ pub struct StateRow {
     pub state: String,
     pub delivered_events: u64,
     pub last_delivered_at_ms: i64,
-    /// HTTP status of the last failure (0: none, or no answer).
+    /// HTTP status of the last failure (0: none, or no answer; -1: the worker could not open
+    /// the stream's secrets).
     pub last_error_status: i32,
     pub last_error: String,
     pub last_error_at_ms: i64,

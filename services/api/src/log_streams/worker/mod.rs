@@ -58,6 +58,10 @@ pub enum WorkerError {
     },
 }
 
+/// `last_error_status` of an error of the worker's own (not the destination's answer): the
+/// stream's secrets could not be opened. A worker that can open them delivers again.
+const WORKER_FAILURE: i32 = -1;
+
 pub struct Worker {
     config: ApiConfig,
     client: clickhouse::Client,
@@ -228,6 +232,7 @@ impl Worker {
             owned: BTreeSet::new(),
             configs: HashMap::new(),
             running: HashMap::new(),
+            unreadable: HashMap::new(),
             ops: self.ops.clone(),
         };
         let events = manager.run(events, self.shutdown.clone()).await;
@@ -272,6 +277,8 @@ struct Manager {
     /// The newest settings of every stream, secrets opened.
     configs: HashMap<String, Arc<StreamConfig>>,
     running: HashMap<String, Running>,
+    /// Streams whose settings or secrets cannot be opened (the version that failed).
+    unreadable: HashMap<String, StreamRow>,
     ops: OpsState,
 }
 
@@ -352,24 +359,28 @@ impl Manager {
         let mut seen = HashSet::new();
         for row in rows {
             seen.insert(row.stream_id.clone());
-            if self
+            let known = self
                 .configs
                 .get(&row.stream_id)
-                .is_some_and(|c| c.row.version == row.version)
-            {
+                .map(|c| c.row.version)
+                .or_else(|| self.unreadable.get(&row.stream_id).map(|r| r.version));
+            if known == Some(row.version) {
                 continue;
             }
             match self.open(&row) {
                 Ok(config) => {
+                    self.unreadable.remove(&row.stream_id);
                     self.configs.insert(row.stream_id.clone(), Arc::new(config));
                 }
                 Err(reason) => {
                     error!(stream_id = %row.stream_id, reason = %reason, "stream cannot be delivered");
                     self.configs.remove(&row.stream_id);
+                    self.unreadable.insert(row.stream_id.clone(), row);
                 }
             }
         }
         self.configs.retain(|id, _| seen.contains(id));
+        self.unreadable.retain(|id, _| seen.contains(id));
         true
     }
 
@@ -391,8 +402,57 @@ impl Manager {
         })
     }
 
+    /// Owned streams this worker cannot open are in `error`, saying why (once per version).
+    async fn report_unreadable(&mut self) {
+        let owned: Vec<StreamRow> = self
+            .unreadable
+            .values()
+            .filter(|row| row.deleted == 0)
+            .filter(|row| {
+                self.owned
+                    .contains(&stored::partition_of(&row.organization_id, self.partitions))
+            })
+            .filter(|row| {
+                self.shared.board.get(&row.stream_id).is_none_or(|s| {
+                    s.last_error_status != WORKER_FAILURE || s.config_version != row.version
+                })
+            })
+            .cloned()
+            .collect();
+        if owned.is_empty() {
+            return;
+        }
+        let Ok(stored_states) = table::states(&self.client, None).await else {
+            return;
+        };
+        for row in owned {
+            let partition = stored::partition_of(&row.organization_id, self.partitions);
+            let mut state = stored_states
+                .iter()
+                .find(|s| s.stream_id == row.stream_id)
+                .cloned()
+                .unwrap_or_else(|| StateRow {
+                    organization_id: row.organization_id.clone(),
+                    stream_id: row.stream_id.clone(),
+                    partition,
+                    next_offset: -1,
+                    ..StateRow::default()
+                });
+            // Its health says so; the position stays as it was stored.
+            state.state = "error".into();
+            state.config_version = row.version;
+            state.last_error_status = WORKER_FAILURE;
+            state.last_error = "this stream's secrets cannot be opened with the worker's \
+                 streams.secret_key (was the key changed?)"
+                .into();
+            state.last_error_at_ms = chrono::Utc::now().timestamp_millis();
+            self.shared.board.update(state);
+        }
+    }
+
     /// Starts the tasks of owned, live streams; stops the others (their positions written).
     async fn reconcile(&mut self) {
+        self.report_unreadable().await;
         let wanted: HashMap<String, (i32, Arc<StreamConfig>)> = self
             .configs
             .iter()
@@ -451,6 +511,11 @@ impl Manager {
                     state: "active".into(),
                     ..StateRow::default()
                 });
+            let mut state = state;
+            if state.state == "error" && state.last_error_status == WORKER_FAILURE {
+                // A worker could not open the stream; this one can: deliver.
+                state.state = "active".into();
+            }
             let (sender, receiver) = watch::channel(config.clone());
             let stop = CancellationToken::new();
             let task = StreamTask {

@@ -252,10 +252,7 @@ impl StreamAdmin {
     }
 
     async fn state_of(&self, row: &StreamRow) -> Result<Option<StateRow>, ManageError> {
-        Ok(table::states(&self.client, Some(&row.organization_id))
-            .await?
-            .into_iter()
-            .find(|s| s.stream_id == row.stream_id))
+        Ok(table::state_of(&self.client, &row.organization_id, &row.stream_id).await?)
     }
 
     pub async fn get(&self, organization_id: &str, id: &str) -> Result<StreamView, ManageError> {

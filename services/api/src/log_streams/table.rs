@@ -115,6 +115,23 @@ pub async fn states(
     query.fetch_all().await
 }
 
+/// The newest state of one stream of `organization_id`.
+pub async fn state_of(
+    client: &clickhouse::Client,
+    organization_id: &str,
+    stream_id: &str,
+) -> Result<Option<StateRow>, clickhouse::error::Error> {
+    client
+        .query(&format!(
+            "SELECT {STATE_COLUMNS} FROM {STATE_TABLE} FINAL \
+             WHERE organization_id = ? AND stream_id = ?"
+        ))
+        .bind(organization_id)
+        .bind(stream_id)
+        .fetch_optional()
+        .await
+}
+
 pub async fn insert_states(
     client: &clickhouse::Client,
     rows: &[StateRow],

@@ -150,6 +150,8 @@ impl Api {
             .env("AUDIT_API__READ_EVENTS__ENABLED", "false")
             .env("AUDIT_API__RATE_LIMIT__REQUESTS_PER_SECOND", "0")
             .env("AUDIT_API__TELEMETRY__LOG_FILTER", "warn")
+            // The data set spans the last 365 days as of its generation, which may be older.
+            .env("AUDIT_API__RETENTION__DEFAULT_DAYS", "3650")
             .envs(env.iter().copied())
             .stdout(Stdio::null())
             .spawn()

@@ -18,6 +18,7 @@ use crate::keys::KeyStore;
 use crate::log_streams::manage::StreamAdmin;
 use crate::metrics::ApiMetrics;
 use crate::read_events::ReadEventPublisher;
+use crate::retention::RetentionSnapshot;
 use crate::routes;
 use crate::store::AuditLogStore;
 
@@ -29,6 +30,8 @@ pub struct AppState {
     pub rate_limiter: KeyRateLimiter,
     pub read_events: ReadEventPublisher,
     pub streams: Arc<StreamAdmin>,
+    /// Every organization's retention and holds: which events each read may show.
+    pub retention: RetentionSnapshot,
     pub metrics: ApiMetrics,
     /// Ingest time of the newest stored event, epoch ms (0 = unknown).
     pub newest_ingested_at: Arc<AtomicU64>,
@@ -51,6 +54,7 @@ impl AppState {
             rate_limiter: KeyRateLimiter::new(&config.rate_limit),
             read_events,
             streams: Arc::new(streams),
+            retention: RetentionSnapshot::new(config.retention.default_days),
             metrics,
             newest_ingested_at: Arc::new(AtomicU64::new(0)),
             exports: Arc::new(Semaphore::new(match config.query.max_concurrent_exports {
@@ -104,6 +108,9 @@ impl Application {
         if let Err(err) = state.keys.refresh(state.store.client()).await {
             warn!(error = %err, "could not load api keys yet; /readyz stays 503 until it can");
         }
+        if let Err(err) = state.retention.refresh(state.store.client()).await {
+            warn!(error = %err, "could not load retention yet; reads answer 503 until it can");
+        }
         let address = config.http_listen;
         let listener = tokio::net::TcpListener::bind(address)
             .await
@@ -140,6 +147,11 @@ impl Application {
             background.clone(),
         ));
         tokio::spawn(watch_freshness(state.clone(), background.clone()));
+        tokio::spawn(state.retention.clone().maintain(
+            state.store.client().clone(),
+            Duration::from_millis(config.retention.refresh_interval_ms),
+            background.clone(),
+        ));
         if let Ok(bound) = listener.local_addr() {
             info!(%bound, "audit-api listening");
         }

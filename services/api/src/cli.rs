@@ -28,6 +28,94 @@ pub enum Command {
     /// Run the stream worker, or manage an organization's log streams as its operator.
     #[command(subcommand)]
     Streams(StreamsCommand),
+    /// Organizations' retention, and the retention job.
+    #[command(subcommand)]
+    Retention(RetentionCommand),
+    /// Legal holds: nothing they cover is removed, by retention or by erasure.
+    #[command(subcommand)]
+    Hold(HoldCommand),
+    /// Replace a person's emails, names, IP addresses and user agents in every stored event and
+    /// table by stable pseudonyms (refused while a legal hold covers their events). Finishes an
+    /// erasure of the same person left running.
+    Erase {
+        #[arg(long)]
+        org: String,
+        /// The person's user id (as in actor.id / affectedUser.id).
+        #[arg(long)]
+        user: String,
+        /// Who asked for the erasure (recorded in its audit event).
+        #[arg(long)]
+        by: String,
+    },
+    /// An organization's erasures.
+    Erasures {
+        #[arg(long)]
+        org: String,
+    },
+}
+
+/// Retention (README "Retention, legal hold and erasure").
+#[derive(Debug, Subcommand)]
+pub enum RetentionCommand {
+    /// An organization's retention, oldest event held and active holds.
+    Show {
+        #[arg(long)]
+        org: String,
+    },
+    /// Set an organization's retention in days (1 to 3650).
+    Set {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        days: u32,
+        /// Who asks (recorded in the change's audit event).
+        #[arg(long)]
+        by: String,
+    },
+    /// Back to the configured default (retention.default_days).
+    Clear {
+        #[arg(long)]
+        org: String,
+        #[arg(long)]
+        by: String,
+    },
+    /// One run of the retention job: finish erasures left running, then remove every event
+    /// past its organization's retention (and not held) from every table. Schedule it (the
+    /// chart's CronJob runs it daily).
+    Run,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum HoldCommand {
+    /// Place a hold on an organization's events, all of them or those of a time range.
+    Place {
+        #[arg(long)]
+        org: String,
+        /// Why (shown to the organization's admin).
+        #[arg(long)]
+        reason: String,
+        /// Start of the range (RFC 3339, inclusive); the oldest event when absent.
+        #[arg(long)]
+        from: Option<String>,
+        /// End of the range (RFC 3339, exclusive); every later event when absent.
+        #[arg(long)]
+        to: Option<String>,
+        #[arg(long)]
+        by: String,
+    },
+    /// Holds, active and lifted (of one organization, or of all).
+    List {
+        #[arg(long)]
+        org: Option<String>,
+    },
+    /// Lift a hold: normal expiry resumes for its range.
+    Lift {
+        #[arg(long)]
+        org: String,
+        id: String,
+        #[arg(long)]
+        by: String,
+    },
 }
 
 /// The operator's side of the streams API (README "Log streams"): the same operations and

@@ -25,6 +25,7 @@ pub struct ApiConfig {
     pub keys: KeysConfig,
     pub read_events: ReadEventsConfig,
     pub streams: StreamsConfig,
+    pub retention: RetentionConfig,
     /// Apply pending ClickHouse migrations at start-up; when false, refuse to start if any is pending.
     pub migrate_on_start: bool,
     /// How long in-flight requests (CSV streams included) may run after SIGTERM.
@@ -43,6 +44,7 @@ impl Default for ApiConfig {
             keys: KeysConfig::default(),
             read_events: ReadEventsConfig::default(),
             streams: StreamsConfig::default(),
+            retention: RetentionConfig::default(),
             migrate_on_start: true,
             shutdown_timeout_ms: 25_000,
             telemetry: TelemetryConfig::default(),
@@ -235,6 +237,43 @@ impl StreamsConfig {
     }
 }
 
+/// Retention, legal holds and erasure (README "Retention, legal hold and erasure").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// Days an organization's events are held when the operator set no retention of its own
+    /// (1 to 3650). 400: a year of evidence for an annual SOC 2 / ISO 27001 / PCI DSS audit
+    /// period, plus a month of margin while the report is written.
+    pub default_days: u32,
+    /// How often every API replica (and stream worker) re-reads retentions and holds: a change
+    /// applies to reads within it. Expiry itself is to the millisecond.
+    pub refresh_interval_ms: u64,
+    /// Key of the erased persons' pseudonyms (any string of 32 characters or more; every
+    /// replica and the ingest need the same one). Without it `erase` is refused. Keep it in a
+    /// secret (`AUDIT_API__RETENTION__PSEUDONYM_KEY`): with it, anyone could test whether a
+    /// pseudonym belongs to an email they guess.
+    pub pseudonym_key: Option<secrecy::SecretString>,
+    /// How long an erasure waits, once recorded, before it rewrites the stored events: the
+    /// ingest learns of it within its `retention.refresh_interval_ms` and pseudonymizes the
+    /// person's events from then on; this covers that interval and a flush in flight.
+    pub erasure_settle_ms: u64,
+    /// ClickHouse `max_execution_time` of each step of the retention job (its mutations wait
+    /// for completion up to it).
+    pub job_timeout_seconds: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            default_days: 400,
+            refresh_interval_ms: 2_000,
+            pseudonym_key: None,
+            erasure_settle_ms: 12_000,
+            job_timeout_seconds: 3_600,
+        }
+    }
+}
+
 impl ApiConfig {
     /// Loads and validates the configuration; `file` is an optional TOML file.
     pub fn load(file: Option<&Path>) -> Result<Self, SettingsError> {
@@ -282,6 +321,21 @@ impl ApiConfig {
         if let Some(key) = &streams.secret_key {
             crate::log_streams::secret_box::SecretBox::from_key(key)
                 .map_err(|err| SettingsError::Invalid(err.to_string()))?;
+        }
+        let retention = &self.retention;
+        if !(audit_store::retention::MIN_DAYS..=audit_store::retention::MAX_DAYS)
+            .contains(&retention.default_days)
+        {
+            return invalid("retention.default_days must be 1..=3650");
+        }
+        if retention.refresh_interval_ms == 0 || retention.refresh_interval_ms > 60_000 {
+            return invalid("retention.refresh_interval_ms must be 1..=60000");
+        }
+        if let Some(key) = &retention.pseudonym_key {
+            use secrecy::ExposeSecret;
+            if key.expose_secret().len() < 32 {
+                return invalid("retention.pseudonym_key must be at least 32 characters");
+            }
         }
         if self.read_events.enabled {
             self.read_events

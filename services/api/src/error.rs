@@ -35,6 +35,8 @@ pub enum ApiError {
     TooManyExports,
     #[error("the service is starting and has not loaded its API keys yet; retry later")]
     NotReady,
+    #[error("the service has not loaded the organizations' retention yet; retry later")]
+    RetentionNotLoaded,
     #[error("no such route")]
     NotFound,
     /// A request body is not JSON, or one of its fields is wrong.
@@ -64,7 +66,7 @@ impl ApiError {
             ApiError::QueryTimeout => "query_timeout",
             ApiError::StoreUnavailable => "store_unavailable",
             ApiError::TooManyExports => "too_many_exports",
-            ApiError::NotReady => "not_ready",
+            ApiError::NotReady | ApiError::RetentionNotLoaded => "not_ready",
             ApiError::NotFound => "not_found",
             ApiError::InvalidBody { .. } => "invalid_request",
             ApiError::StreamNotFound => "stream_not_found",
@@ -87,6 +89,7 @@ impl ApiError {
             ApiError::QueryTimeout => StatusCode::GATEWAY_TIMEOUT,
             ApiError::StoreUnavailable
             | ApiError::NotReady
+            | ApiError::RetentionNotLoaded
             | ApiError::TooManyExports
             | ApiError::StreamsNotConfigured => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::NotFound | ApiError::StreamNotFound => StatusCode::NOT_FOUND,
@@ -116,7 +119,10 @@ impl IntoResponse for ApiError {
         let status = self.status();
         match &self {
             ApiError::Internal(detail) => error!(detail = %detail, "request failed"),
-            ApiError::StoreUnavailable | ApiError::QueryTimeout | ApiError::NotReady => {
+            ApiError::StoreUnavailable
+            | ApiError::QueryTimeout
+            | ApiError::NotReady
+            | ApiError::RetentionNotLoaded => {
                 error!(code = self.error_code(), "request failed")
             }
             _ => debug!(code = self.error_code(), "request refused"),
@@ -150,7 +156,10 @@ impl IntoResponse for ApiError {
                     HeaderValue::from_static("ApiKey header=\"X-API-Key\""),
                 );
             }
-            ApiError::StoreUnavailable | ApiError::NotReady | ApiError::TooManyExports => {
+            ApiError::StoreUnavailable
+            | ApiError::NotReady
+            | ApiError::RetentionNotLoaded
+            | ApiError::TooManyExports => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
             }
             _ => {}

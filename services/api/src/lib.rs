@@ -15,6 +15,7 @@ pub mod partitions;
 pub mod query;
 pub mod read_events;
 pub mod render;
+pub mod retention;
 pub mod routes;
 pub mod store;
 pub mod stream;

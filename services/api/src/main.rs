@@ -40,6 +40,26 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 .context("applying ClickHouse migrations")?;
             streams_command(&config, command).await?;
         }
+        command @ (Command::Retention(_)
+        | Command::Hold(_)
+        | Command::Erase { .. }
+        | Command::Erasures { .. }) => {
+            audit_store::migrations::apply(&config.clickhouse)
+                .await
+                .context("applying ClickHouse migrations")?;
+            let operator = audit_api::retention::commands::Operator::new(&config)?;
+            let out = match command {
+                Command::Retention(command) => operator.retention(command).await?,
+                Command::Hold(command) => operator.hold(command).await?,
+                Command::Erase { org, user, by } => {
+                    serde_json::to_value(operator.erase(&org, &user, &by).await?)?
+                }
+                Command::Erasures { org } => operator.erasures(&org).await?,
+                _ => unreachable!("matched above"),
+            };
+            operator.admin.flush();
+            println!("{}", serde_json::to_string_pretty(&out)?);
+        }
         Command::Keys(command) => {
             audit_store::migrations::apply(&config.clickhouse)
                 .await

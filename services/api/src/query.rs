@@ -103,6 +103,11 @@ pub struct Filters {
     pub actor_email: Option<String>,
     pub resource_type: Option<String>,
     pub resource_id: Option<String>,
+    /// Times the organization no longer holds, each `[start, end)`, between legal holds older
+    /// than its retention (set by [`crate::retention`], never by the caller; not part of a
+    /// cursor's fingerprint).
+    #[serde(skip)]
+    pub gaps: Vec<(i64, i64)>,
 }
 
 /// Where a cursor page starts: strictly after this (time, id) in the query's sort order.
@@ -293,6 +298,7 @@ impl Params {
             actor_email: self.email("actorEmail")?,
             resource_type: self.text("resourceType")?,
             resource_id: self.text("resourceId")?,
+            gaps: Vec::new(),
         };
         if let (Some(from), Some(to)) = (filters.from_ms, filters.to_ms) {
             if from >= to {

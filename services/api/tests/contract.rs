@@ -156,6 +156,49 @@ async fn responses_match_the_openapi_document() {
         let body: Value = serde_json::from_slice(&body).unwrap();
         assert!(error.is_valid(&body), "{query}: {body}");
     }
+    // The retention view, with and without a legal hold.
+    let retention = validator("Retention");
+    let path = "/api/v1/organization/audit-logs/retention";
+    let (status, _, body) = api.get_path(&key, path, "").await;
+    assert_eq!(status, StatusCode::OK);
+    let body: Value = serde_json::from_slice(&body).unwrap();
+    let problems: Vec<String> = retention
+        .iter_errors(&body)
+        .map(|e| e.to_string())
+        .collect();
+    assert!(problems.is_empty(), "{body}: {problems:?}");
+    audit_store::retention::write_hold(
+        &api.client(),
+        &audit_store::retention::HoldRow {
+            organization_id: "org_a".into(),
+            hold_id: "hold_1".into(),
+            version: 1,
+            from_ms: Some(BASE_MS),
+            to_ms: None,
+            reason: "Case 1".into(),
+            placed_by: "legal".into(),
+            placed_at_ms: BASE_MS,
+            lifted_by: String::new(),
+            lifted_at_ms: None,
+        },
+    )
+    .await
+    .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, _, body) = api.get_path(&key, path, "").await;
+        let body: Value = serde_json::from_slice(&body).unwrap();
+        if body["legalHolds"].as_array().is_some_and(|h| !h.is_empty()) {
+            let problems: Vec<String> = retention
+                .iter_errors(&body)
+                .map(|e| e.to_string())
+                .collect();
+            assert!(problems.is_empty(), "{body}: {problems:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the hold never showed: {body}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     api.stop().await;
 }
 
@@ -171,8 +214,20 @@ async fn an_unreachable_store_is_a_clear_503() {
     state
         .keys
         .replace(keys::load(&api.client(), None).await.unwrap());
-    let router = audit_api::routes::router(state);
+    // Before the retention is known, reads are refused: they could show expired events.
+    let router = audit_api::routes::router(state.clone());
     use tower::ServiceExt;
+    let request = axum::http::Request::get("/api/v1/organization/audit-logs")
+        .header("X-API-Key", &key)
+        .body(axum::body::Body::empty())
+        .unwrap();
+    let response = router.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert!(response.headers().contains_key("retry-after"));
+    let (error, _) = error_body(response).await;
+    assert_eq!(error["error"]["code"], "not_ready");
+    state.retention.refresh(&api.client()).await.unwrap();
+    let router = audit_api::routes::router(state);
     // A page, and an export (whose query is opened on a thread of its own).
     for uri in [
         "/api/v1/organization/audit-logs",

@@ -285,6 +285,8 @@ async fn a_million_row_export_streams_in_bounded_memory_and_stops_with_its_clien
         .env("AUDIT_API__READ_EVENTS__ENABLED", "false")
         .env("AUDIT_API__TELEMETRY__LOG_FILTER", "warn")
         .env("AUDIT_API__QUERY__MAX_CONCURRENT_EXPORTS", "1")
+        // The fixtures date from 2025: held under the longest retention.
+        .env("AUDIT_API__RETENTION__DEFAULT_DAYS", "3650")
         .stdout(std::process::Stdio::null())
         .spawn()
         .unwrap();

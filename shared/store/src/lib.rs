@@ -7,6 +7,7 @@ mod copies;
 mod error;
 pub mod migrations;
 mod ping;
+pub mod retention;
 mod rows;
 mod settings;
 pub mod stored;

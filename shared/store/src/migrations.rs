@@ -55,6 +55,11 @@ pub const MIGRATIONS: &[Migration] = &[
         name: "create_log_streams",
         sql: include_str!("../../../schemas/clickhouse/0007_create_log_streams.sql"),
     },
+    Migration {
+        version: 8,
+        name: "create_retention",
+        sql: include_str!("../../../schemas/clickhouse/0008_create_retention.sql"),
+    },
 ];
 
 const RECORD_TABLE: &str = "schema_migrations";

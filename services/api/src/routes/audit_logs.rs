@@ -34,9 +34,12 @@ pub async fn list(
     request: RequestInfo,
     query: AuditLogQuery,
 ) -> Result<Response, ApiError> {
+    let held = state
+        .retention
+        .scope(&caller.organization_id, &query.filters)?;
     let page = PageRequest {
         organization_id: caller.organization_id.as_str(),
-        filters: &query.filters,
+        filters: &held,
         sort: query.sort,
         limit: query.limit,
         offset: query.offset,

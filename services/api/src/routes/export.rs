@@ -23,9 +23,12 @@ pub async fn export(
         .try_acquire_owned()
         .map_err(|_| ApiError::TooManyExports)?;
     let format = query.format;
+    let held = state
+        .retention
+        .scope(&caller.organization_id, &query.filters)?;
     let source = state
         .store
-        .export(&caller.organization_id, &query.filters, query.sort);
+        .export(&caller.organization_id, &held, query.sort);
     let body = crate::export::start(source, format, state.metrics.clone(), permit).await?;
     let mut headers = download_headers(&query.filters, format);
     freshness_headers(&state, &mut headers);

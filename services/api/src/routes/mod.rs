@@ -5,6 +5,7 @@ pub mod audit_logs;
 pub mod export;
 pub mod log_streams;
 pub mod ops;
+pub mod retention;
 
 use std::net::SocketAddr;
 use std::sync::atomic::Ordering;
@@ -38,6 +39,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route(AUDIT_LOGS_PATH, get(audit_logs::list))
         .route(EXPORT_PATH, get(export::export))
+        .route(retention::RETENTION_PATH, get(retention::show))
         .route(
             log_streams::STREAMS_PATH,
             get(log_streams::list).post(log_streams::create),

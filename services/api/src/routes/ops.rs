@@ -1,4 +1,4 @@
-//! `/healthz` (process up), `/readyz` (keys loaded, ClickHouse reachable, not shutting down),
+//! `/healthz` (process up), `/readyz` (keys and retention loaded, ClickHouse reachable, not shutting down),
 //! `/metrics` (Prometheus) and `/openapi.json` (the contract in `schemas/openapi/`).
 
 use std::time::Duration;
@@ -17,10 +17,12 @@ pub async fn healthz() -> &'static str {
 }
 
 pub async fn readyz(State(state): State<AppState>) -> impl IntoResponse {
-    let keys = if state.keys.loaded() {
-        Ok(())
-    } else {
+    let keys = if !state.keys.loaded() {
         Err("api keys not loaded yet".to_owned())
+    } else if !state.retention.loaded() {
+        Err("retention not loaded yet".to_owned())
+    } else {
+        Ok(())
     };
     let clickhouse = async {
         audit_store::ping(state.store.client(), Duration::from_secs(2))

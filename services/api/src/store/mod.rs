@@ -148,3 +148,21 @@ impl AuditLogStore {
             .await
     }
 }
+
+impl AuditLogStore {
+    /// The time of the organization's oldest event under `filters` (None: no event).
+    pub async fn oldest(
+        &self,
+        organization_id: &str,
+        filters: &crate::query::Filters,
+    ) -> Result<Option<i64>, ReadError> {
+        let condition = Condition::on_rows(organization_id, filters);
+        let sql = format!(
+            "SELECT occurred_at_ms FROM {} WHERE {} ORDER BY occurred_at_ms ASC LIMIT 1",
+            condition.table,
+            condition.clause()
+        );
+        self.timed("oldest", &condition, &sql, |q| q.fetch_optional::<i64>())
+            .await
+    }
+}

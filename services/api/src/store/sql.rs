@@ -72,6 +72,17 @@ impl Condition {
         }
     }
 
+    /// Outside each `[start, end)` of `gaps` (times an organization no longer holds).
+    pub(super) fn outside(&mut self, gaps: &[(i64, i64)]) {
+        for (start, end) in gaps {
+            let start = self.param(Param::Int(*start));
+            let end = self.param(Param::Int(*end));
+            self.and(&format!(
+                "NOT (occurred_at_ms >= {start} AND occurred_at_ms < {end})"
+            ));
+        }
+    }
+
     /// The clause, or `1` for none.
     pub(super) fn clause(&self) -> &str {
         if self.sql.is_empty() {

@@ -39,6 +39,7 @@ impl Condition {
             None => Self::organization(EVENTS_TABLE, organization_id, None),
         };
         c.between(filters.from_ms, filters.to_ms);
+        c.outside(&filters.gaps);
         for (column, value) in [
             ("event_type", &filters.event_type),
             ("actor_id", &filters.actor_id),
@@ -65,6 +66,7 @@ impl Condition {
                 let key = Some(("event_type", event_type.as_str()));
                 let mut c = Self::organization(BY_TYPE_TABLE, organization_id, key);
                 c.between(filters.from_ms, filters.to_ms);
+                c.outside(&filters.gaps);
                 c
             }
             _ => Self::on_rows(organization_id, filters),
@@ -87,13 +89,17 @@ mod tests {
             actor_email: Some("c".to_owned()),
             resource_type: Some("d".to_owned()),
             resource_id: Some("e".to_owned()),
+            gaps: vec![(3, 4)],
         };
         let condition = Condition::on_rows("org", &filters);
         assert!(condition.sql.starts_with("organization_id = {p0:String}"));
         assert!(!condition.sql.contains("OR 1=1"));
         assert!(!condition.sql.contains('\''));
         assert_eq!(placeholders(&condition.sql), condition.params.len());
-        assert_eq!(condition.params.len(), 8);
+        assert_eq!(condition.params.len(), 10);
+        assert!(condition
+            .sql
+            .contains("NOT (occurred_at_ms >= {p4:Int64} AND occurred_at_ms < {p5:Int64})"));
         assert!(condition.sql.contains("occurred_at_ms >= {p2:Int64}"));
     }
 

@@ -48,6 +48,9 @@ impl TestApi {
         config.read_events.enabled = false;
         config.rate_limit.requests_per_second = 0;
         config.keys.refresh_interval_ms = 200;
+        // The fixtures date from 2025: held under the longest retention, whatever today is.
+        config.retention.default_days = audit_store::retention::MAX_DAYS;
+        config.retention.refresh_interval_ms = 200;
         tune(&mut config);
         let clickhouse = config.clickhouse.clone();
         let app = Application::build(config).await.expect("api starts");

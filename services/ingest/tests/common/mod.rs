@@ -638,6 +638,8 @@ impl ApiProcess {
             ),
             ("AUDIT_API__READ_EVENTS__ENABLED", "false".to_owned()),
             ("AUDIT_API__TELEMETRY__LOG_FILTER", "warn".to_owned()),
+            // Fixtures may date from 2025: held under the longest retention.
+            ("AUDIT_API__RETENTION__DEFAULT_DAYS", "3650".to_owned()),
         ];
         let mut keys = BTreeMap::new();
         for org in organizations {

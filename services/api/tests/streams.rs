@@ -982,3 +982,74 @@ async fn a_worker_that_cannot_open_a_streams_secrets_says_so_and_one_that_can_de
     wait_stream(&api, &acme, &id, "active again", |v| v["state"] == "active").await;
     api.stop().await;
 }
+
+/// Retention and erasure reach the streams: an expired event is never delivered, and a replay
+/// after an erasure sends the person's events under their pseudonyms, not as first delivered.
+#[tokio::test]
+async fn a_stream_delivers_only_held_events_and_replays_an_erased_person_pseudonymized() {
+    use audit_api::retention::commands::Operator;
+    let env = StreamsEnv::new("retention").await;
+    let api = env.api("streams_retention").await;
+    let acme = api.key("org_acme", Role::Admin).await;
+    let key = "stream-test-pseudonym-key-0123456789";
+    let mut config = ApiConfig {
+        clickhouse: api.clickhouse.clone(),
+        ..ApiConfig::default()
+    };
+    env.tune(&mut config);
+    config.retention.pseudonym_key = Some(key.to_owned().into());
+    config.retention.erasure_settle_ms = 0;
+    let operator = Operator::new(&config).unwrap();
+    operator
+        .admin
+        .set_days("org_acme", Some(30), "dpo")
+        .await
+        .unwrap();
+    let receiver = Receiver::start(Intake::Webhook).await;
+    let created = create(&api, &acme, webhook("siem", &receiver)).await;
+    let id = created["id"].as_str().unwrap().to_owned();
+    let _worker =
+        WorkerProcess::spawn(&env, &api, &[("AUDIT_API__RETENTION__PSEUDONYM_KEY", key)]).await;
+    let now = chrono::Utc::now().timestamp_millis();
+    let mut expired = event("org_acme", "expired", now - 31 * 86_400_000);
+    expired.actor_id = "usr_ada".into();
+    let mut ada = event("org_acme", "ada", now - 3_600_000);
+    ada.actor_id = "usr_ada".into();
+    ada.actor_email = Some("ada@corp.example".into());
+    ada.actor_name = Some("Ada Lovelace".into());
+    let bob = event("org_acme", "bob", now - 1_000);
+    let start = chrono::Utc::now();
+    env.publish(&[expired, ada.clone(), bob]).await;
+    let held = vec!["ada".to_owned(), "bob".to_owned()];
+    assert_eq!(
+        receiver.wait_for(&held, Duration::from_secs(30)).await,
+        held
+    );
+    let first = receiver.events();
+    assert_eq!(first[0]["actor"]["email"], "ada@corp.example");
+
+    let done = operator.erase("org_acme", "usr_ada", "dpo").await.unwrap();
+    assert_eq!(done.state, "done");
+    // The worker re-reads the erasures with its settings (every 200 ms here).
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let path = format!(
+        "{STREAMS}/{id}/replay?from={}",
+        (start - chrono::Duration::seconds(1)).to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+    );
+    let (status, view) = send(&api, reqwest::Method::POST, &acme, &path, None).await;
+    assert_eq!(status, StatusCode::ACCEPTED, "{view}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while receiver.ids().len() < 4 {
+        assert!(Instant::now() < deadline, "{:?}", receiver.ids());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(receiver.ids(), ["ada", "bob", "ada", "bob"]);
+    let replayed = receiver.events();
+    let p = audit_store::retention::Pseudonyms::new(key.as_bytes(), "org_acme", "usr_ada");
+    assert_eq!(replayed[2]["actor"]["email"], p.email().as_str());
+    assert_eq!(replayed[2]["actor"]["name"], p.name().as_str());
+    assert_eq!(replayed[2]["context"]["ip"], p.ip("203.0.113.7").as_str());
+    assert_eq!(replayed[3]["actor"]["email"], "Ada.Admin@Acme.example");
+    api.stop().await;
+}

@@ -1016,6 +1016,8 @@ async fn upstream_events_reach_the_organizations_log_stream_through_both_service
         ),
         ("AUDIT_API__HTTP_LISTEN", format!("127.0.0.1:{worker_port}")),
         ("AUDIT_API__TELEMETRY__LOG_FILTER", "warn".to_owned()),
+        // Fixtures may date from 2025: held under the longest retention.
+        ("AUDIT_API__RETENTION__DEFAULT_DAYS", "3650".to_owned()),
     ];
     let body = serde_json::json!({"name": "siem", "destination": {
         "type": "webhook", "url": format!("http://127.0.0.1:{receiver_port}/")}});

@@ -205,6 +205,19 @@ pub async fn write_policy(
     insert.end().await
 }
 
+/// Every person erased or being erased: (organization, user id, when it was asked, epoch ms).
+pub async fn load_erased(
+    client: &clickhouse::Client,
+) -> Result<Vec<(String, String, i64)>, clickhouse::error::Error> {
+    client
+        .query(&format!(
+            "SELECT organization_id, user_id, max(requested_at_ms) FROM {ERASURES_TABLE} \
+             GROUP BY organization_id, user_id"
+        ))
+        .fetch_all()
+        .await
+}
+
 /// The stable pseudonyms of one person of one organization: derived with HMAC-SHA-256 from the
 /// operator's pseudonym key and the organization (its own secret), then the user id. The same
 /// person gets the same pseudonyms in every event and in every later erasure (under the same
@@ -291,6 +304,59 @@ impl Pseudonyms {
     }
 }
 
+impl Pseudonyms {
+    /// Replaces this person's values in one event row: the actor's email, name, address and
+    /// user agent when they acted, the affected user's email, a user resource's name, and the
+    /// same values where they stand whole (as JSON strings) in `changes` and `metadata`. What
+    /// the stored-event paths use (a stream's replay of events stored before an erasure); the
+    /// erasure job also replaces values the row does not state itself (older emails, say).
+    /// Whether the row concerns the person.
+    pub fn apply(&self, row: &mut crate::AuditEventRow) -> bool {
+        let user = self.user_id.as_str();
+        let mut own: Vec<(String, String)> = Vec::new();
+        let mut swap = |field: &mut Option<String>, pseudonym: String| {
+            if let Some(value) = field.take() {
+                if !self.is_pseudonym(&value) {
+                    own.push((value, pseudonym.clone()));
+                }
+                *field = Some(pseudonym);
+            }
+        };
+        let mut concerned = false;
+        if row.actor_id == user {
+            concerned = true;
+            swap(&mut row.actor_email, self.email());
+            swap(&mut row.actor_name, self.name());
+            let ip = row.context_ip.clone().map(|ip| self.ip(&ip));
+            if let Some(ip) = ip {
+                swap(&mut row.context_ip, ip);
+            }
+            swap(&mut row.context_user_agent, self.user_agent());
+        }
+        if row.affected_user_id.as_deref() == Some(user) {
+            concerned = true;
+            swap(&mut row.affected_user_email, self.email());
+        }
+        if row.resource_type == "user" && row.resource_id == user {
+            concerned = true;
+            let pseudonym = match &row.resource_name {
+                Some(name) if name.contains('@') => self.email(),
+                _ => self.name(),
+            };
+            swap(&mut row.resource_name, pseudonym);
+        }
+        for (value, pseudonym) in own {
+            let quote = |s: &str| serde_json::to_string(s).unwrap_or_default();
+            let (value, pseudonym) = (quote(&value), quote(&pseudonym));
+            row.changes = row.changes.replace(&value, &pseudonym);
+            if let Some(metadata) = &mut row.metadata {
+                *metadata = metadata.replace(&value, &pseudonym);
+            }
+        }
+        concerned
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -359,5 +425,35 @@ mod tests {
         assert!(a.is_pseudonym(&a.name()));
         assert!(a.is_pseudonym(&a.ip("10.0.0.1")));
         assert!(!a.is_pseudonym("10.0.0.1"));
+    }
+
+    #[test]
+    fn a_row_loses_the_persons_values_by_role_and_inside_its_changes() {
+        let p = Pseudonyms::new(b"key", "org", "usr_ada");
+        let mut row = crate::AuditEventRow {
+            actor_id: "usr_bob".into(),
+            actor_email: Some("bob@x.example".into()),
+            context_ip: Some("192.0.2.1".into()),
+            resource_type: "user".into(),
+            resource_id: "usr_ada".into(),
+            resource_name: Some("ada@x.example".into()),
+            affected_user_id: Some("usr_ada".into()),
+            affected_user_email: Some("ada@x.example".into()),
+            changes: r#"[{"field":"email","newValue":"ada@x.example"}]"#.into(),
+            metadata: Some(r#"{"by":"bob@x.example"}"#.into()),
+            ..Default::default()
+        };
+        assert!(p.apply(&mut row));
+        assert_eq!(row.actor_email.as_deref(), Some("bob@x.example"));
+        assert_eq!(row.context_ip.as_deref(), Some("192.0.2.1"));
+        assert_eq!(row.affected_user_email, Some(p.email()));
+        assert_eq!(row.resource_name, Some(p.email()));
+        assert!(row.changes.contains(&p.email()) && !row.changes.contains("ada@x"));
+        assert_eq!(row.metadata.as_deref(), Some(r#"{"by":"bob@x.example"}"#));
+        let mut other = crate::AuditEventRow {
+            actor_id: "usr_bob".into(),
+            ..Default::default()
+        };
+        assert!(!p.apply(&mut other));
     }
 }

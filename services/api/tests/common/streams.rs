@@ -219,6 +219,12 @@ impl WorkerProcess {
                 "200".into(),
             ),
             ("AUDIT_API__STREAMS__ACK_TIMEOUT_MS".into(), "5000".into()),
+            // The fixtures date from 2025: held under the longest retention.
+            ("AUDIT_API__RETENTION__DEFAULT_DAYS".into(), "3650".into()),
+            (
+                "AUDIT_API__RETENTION__REFRESH_INTERVAL_MS".into(),
+                "200".into(),
+            ),
             ("AUDIT_API__TELEMETRY__LOG_FORMAT".into(), "json".into()),
             ("AUDIT_API__TELEMETRY__LOG_FILTER".into(), "info".into()),
         ]);

@@ -35,6 +35,7 @@ use super::secret_box::SecretBox;
 use super::spec::Secrets;
 use super::table::{self, StateRow, StreamRow};
 use crate::config::ApiConfig;
+use crate::retention::{ErasedSubjects, RetentionSnapshot};
 
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
@@ -50,6 +51,8 @@ pub enum WorkerError {
     KafkaSettings(#[from] audit_runtime::kafka::ProbeError),
     #[error("the stored-events topic {0:?} does not exist (the ingest publishes it; see README \"Log streams\")")]
     MissingTopic(String),
+    #[error("cannot read the organizations' retention and erasures: {0}")]
+    Retention(String),
     #[error("cannot listen on {address}: {source}")]
     Listen {
         address: SocketAddr,
@@ -170,8 +173,16 @@ impl Worker {
             .with_ack_timeout(Duration::from_millis(streams.ack_timeout_ms)),
             board: HealthBoard::default(),
             metrics: metrics.clone(),
+            retention: RetentionSnapshot::new(config.retention.default_days),
+            erased: ErasedSubjects::new(config.retention.pseudonym_key.as_ref()),
             heartbeats: heartbeats.clone(),
         };
+        // Nothing is delivered before the worker knows what each organization still holds.
+        tokio::try_join!(
+            shared.retention.refresh(&client),
+            shared.erased.refresh(&client)
+        )
+        .map_err(|err| WorkerError::Retention(err.to_string()))?;
         let ops = OpsState {
             metrics,
             heartbeats,
@@ -344,6 +355,13 @@ impl Manager {
 
     /// Re-reads every stream's settings; false when ClickHouse could not be read.
     async fn refresh(&mut self) -> bool {
+        if let Err(err) = tokio::try_join!(
+            self.shared.retention.refresh(&self.client),
+            self.shared.erased.refresh(&self.client)
+        ) {
+            warn!(error = %err, "cannot read retention and erasures; keeping the last ones");
+            return false;
+        }
         let rows = match table::all_streams(&self.client).await {
             Ok(rows) => rows,
             Err(err) => {

@@ -27,6 +27,7 @@ use crate::log_streams::deliver::{self, DeliveryEvent, Outcome, Sender};
 use crate::log_streams::payload;
 use crate::log_streams::spec::{Secrets, Settings};
 use crate::log_streams::table::{StateRow, StreamRow};
+use crate::retention::{ErasedPerson, ErasedSubjects, RetentionSnapshot};
 
 /// A stream's settings as its task uses them (secrets opened).
 #[derive(Debug, Clone)]
@@ -59,8 +60,35 @@ pub struct TaskShared {
     pub sender: Sender,
     pub board: HealthBoard,
     pub metrics: StreamMetrics,
+    /// Which events each organization still holds: an expired event is never delivered.
+    pub retention: RetentionSnapshot,
+    /// Erased persons: their events read again from the topic (a replay) go out pseudonymized.
+    pub erased: ErasedSubjects,
     /// Epoch ms of each task's last loop round, for `/healthz`.
     pub heartbeats: Arc<std::sync::Mutex<std::collections::HashMap<String, Instant>>>,
+}
+
+/// What a stream may deliver of its organization's events, taken once per batch: those it
+/// still holds, with its erased persons pseudonymized.
+struct Scope {
+    visibility: audit_store::retention::Visibility,
+    erased: Vec<ErasedPerson>,
+}
+
+impl Scope {
+    fn of(shared: &TaskShared, organization_id: &str) -> Self {
+        Self {
+            visibility: shared
+                .retention
+                .visibility_or_default(organization_id, now_ms()),
+            erased: shared.erased.of(organization_id),
+        }
+    }
+
+    /// Whether the row may go out (after the erasures are applied to it).
+    fn holds(&self, row: &mut audit_store::AuditEventRow) -> bool {
+        self.visibility.holds(row.occurred_at_ms) && self.erased.iter().all(|p| p.scrub(row))
+    }
 }
 
 /// A batch read from the topic.
@@ -136,6 +164,7 @@ impl Reader {
     async fn next_batch(
         &mut self,
         config: &StreamConfig,
+        scope: &Scope,
         linger: Duration,
         idle: Duration,
     ) -> Result<Batch, KafkaError> {
@@ -176,7 +205,7 @@ impl Reader {
                 end = self.next;
                 continue;
             }
-            let Some(row) = message.payload().and_then(|p| stored::decode(p).ok()) else {
+            let Some(mut row) = message.payload().and_then(|p| stored::decode(p).ok()) else {
                 warn!(
                     partition = self.partition,
                     offset, "unreadable stored event skipped"
@@ -188,6 +217,10 @@ impl Reader {
             if row.organization_id != config.row.organization_id
                 || !filters.matches(&row.event_type, &row.actor_type, &row.resource_type)
             {
+                end = self.next;
+                continue;
+            }
+            if !scope.holds(&mut row) {
                 end = self.next;
                 continue;
             }
@@ -373,11 +406,12 @@ impl StreamTask {
                 },
             };
             let linger = Duration::from_millis(self.shared.streams.batch_linger_ms);
+            let scope = Scope::of(&self.shared, &config.row.organization_id);
             let batch = match active.ready.take() {
                 Some(batch) => Ok(batch),
                 None => tokio::select! {
                     _ = self.stop.cancelled() => break,
-                    batch = active.next_batch(&config, linger, Duration::from_secs(1)) => batch,
+                    batch = active.next_batch(&config, &scope, linger, Duration::from_secs(1)) => batch,
                 },
             };
             let batch = match batch {
@@ -406,7 +440,7 @@ impl StreamTask {
             // The next batch is read (and rendered) while this one is sent.
             let (delivered, next) = tokio::join!(
                 self.deliver(&batch, behind),
-                active.next_batch(&config, linger, Duration::from_secs(1))
+                active.next_batch(&config, &scope, linger, Duration::from_secs(1))
             );
             // Read with these settings: kept only if they still hold.
             let unchanged = self.config.borrow().row.version == config.row.version;

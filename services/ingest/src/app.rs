@@ -22,6 +22,7 @@ use crate::pipeline::Pipeline;
 use crate::retry::Retry;
 use crate::sink::ClickHouseSink;
 use crate::stored_events::{StoredEventPublisher, StoredEventsError};
+use audit_store::retention::ErasedSubjects;
 
 /// Why the service could not start or stopped abnormally.
 #[derive(Debug, thiserror::Error)]
@@ -76,7 +77,19 @@ pub async fn build_flusher(
             metrics.clone(),
         )
     });
+    let erasures = ErasedSubjects::new(config.retention.pseudonym_key.as_ref())
+        .with_later_events(config.retention.pseudonymize_later_events);
+    // Known before the first flush: a re-delivered event of an erased person must not be
+    // stored as sent.
+    erasures.refresh(sink.client()).await.map_err(|source| {
+        AppError::Schema(audit_store::StoreError::ClickHouse {
+            doing: "reading the erasures".to_owned(),
+            source,
+        })
+    })?;
+    warn_unkeyed(&erasures);
     Ok(Flusher {
+        erasures,
         fencing: Fencing::new(sink.clone(), &config.clickhouse),
         duplicates: Arc::new(DuplicateWatch::default()),
         sink,
@@ -85,6 +98,16 @@ pub async fn build_flusher(
         metrics: metrics.clone(),
         stored_events,
     })
+}
+
+/// Says so when persons are erased and this ingest has no key to pseudonymize them.
+fn warn_unkeyed(erasures: &ErasedSubjects) {
+    if erasures.unkeyed() {
+        tracing::warn!(
+            "persons are erased but retention.pseudonym_key is not set: their re-delivered \
+             events are stored as sent"
+        );
+    }
 }
 
 pub struct Application {
@@ -159,6 +182,11 @@ impl Application {
             self.ops.metrics.clone(),
             shutdown.clone(),
         ));
+        let erasures = tokio::spawn(self.pipeline.flusher.erasures.clone().maintain(
+            self.ops.clickhouse.clone(),
+            Duration::from_millis(self.config.retention.refresh_interval_ms),
+            shutdown.clone(),
+        ));
         let (bound, server) = http::serve(address, self.ops)
             .await
             .map_err(|source| AppError::Listen { address, source })?;
@@ -169,6 +197,7 @@ impl Application {
         let _ = server.await;
         let _ = watchdog.await;
         let _ = duplicates.await;
+        let _ = erasures.await;
         result.map_err(AppError::from)
     }
 }

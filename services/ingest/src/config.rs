@@ -24,6 +24,7 @@ pub struct IngestConfig {
     pub stored_events: StoredEventsConfig,
     pub retry: RetryConfig,
     pub directory: DirectoryConfig,
+    pub retention: RetentionConfig,
     pub liveness: LivenessConfig,
     /// Address of the `/healthz`, `/readyz` and `/metrics` listener.
     pub http_listen: SocketAddr,
@@ -45,6 +46,7 @@ impl Default for IngestConfig {
             stored_events: StoredEventsConfig::default(),
             retry: RetryConfig::default(),
             directory: DirectoryConfig::default(),
+            retention: RetentionConfig::default(),
             liveness: LivenessConfig::default(),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 18081)),
             migrate_on_start: true,
@@ -235,6 +237,34 @@ impl Default for DirectoryConfig {
     }
 }
 
+/// Erased persons (README "Retention, legal hold and erasure"): what the ingest does with
+/// their events.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RetentionConfig {
+    /// The API's `retention.pseudonym_key` (the same secret). With it, an erased person's events
+    /// that occurred before their erasure and arrive again (a re-delivery, `audit-ingest
+    /// replay`) are stored and published under their pseudonyms; without it they are stored as
+    /// sent, and a warning says so.
+    pub pseudonym_key: Option<secrecy::SecretString>,
+    /// Pseudonymize an erased person's later events too (events that occur after the
+    /// erasure), so that the service never stores their data again.
+    pub pseudonymize_later_events: bool,
+    /// How often the erasures are re-read; the API's `retention.erasure_settle_ms` must exceed
+    /// it.
+    pub refresh_interval_ms: u64,
+}
+
+impl Default for RetentionConfig {
+    fn default() -> Self {
+        Self {
+            pseudonym_key: None,
+            pseudonymize_later_events: false,
+            refresh_interval_ms: 5_000,
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct LivenessConfig {
@@ -287,6 +317,14 @@ impl IngestConfig {
             .map_err(|err| SettingsError::Invalid(err.to_string()))?;
         if self.kafka.brokers.trim().is_empty() {
             return invalid("kafka.brokers must not be empty".to_owned());
+        }
+        if self.retention.refresh_interval_ms == 0 {
+            return invalid("retention.refresh_interval_ms must be at least 1".to_owned());
+        }
+        if self.retention.pseudonymize_later_events && self.retention.pseudonym_key.is_none() {
+            return invalid(
+                "retention.pseudonymize_later_events needs retention.pseudonym_key".to_owned(),
+            );
         }
         if self.kafka.group_id.trim().is_empty() {
             return invalid("kafka.group_id must not be empty".to_owned());

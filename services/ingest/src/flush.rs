@@ -7,6 +7,7 @@ use std::collections::BTreeMap;
 use std::time::Instant;
 
 use audit_event::{EventError, RejectReason};
+use audit_store::retention::ErasedSubjects;
 use audit_store::{AuditEventRow, EVENTS_TABLE};
 use rdkafka::error::KafkaError;
 use tracing::{debug, info_span, warn, Instrument};
@@ -54,6 +55,8 @@ pub struct Flusher {
     pub duplicates: std::sync::Arc<DuplicateWatch>,
     /// None: stored events are not published (`stored_events.enabled = false`).
     pub stored_events: Option<StoredEventPublisher>,
+    /// Erased persons: their events are stored under pseudonyms (see [`Self::flush`]).
+    pub erasures: ErasedSubjects,
 }
 
 /// What became of a flush's events.
@@ -128,7 +131,17 @@ impl Flusher {
         } = batch;
 
         let started = Instant::now();
-        let facts = self.enrich(&mut rows).await;
+        let mut facts = self.enrich(&mut rows).await;
+        // After the directory filled the rows (its cache may hold an erased person's email).
+        self.erasures.apply_all(&mut rows);
+        for fact in &mut facts.users {
+            if let Some(email) =
+                self.erasures
+                    .email_of(&fact.organization_id, &fact.user_id, fact.occurred_at_ms)
+            {
+                fact.email = email;
+            }
+        }
         stamp(&mut rows);
         self.phase("directory_read", started);
 

@@ -443,6 +443,109 @@ async fn projection_fills_missing_emails_and_team_names() {
     env.drop_database().await;
 }
 
+/// An erased person's events that occurred before their erasure and arrive (again) afterwards
+/// are stored and published under their pseudonyms, and so is the directory's fact; their
+/// later events are stored as sent (`retention.pseudonymize_later_events` is off).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erased_persons_events_arriving_again_are_stored_under_pseudonyms() {
+    let env = TestEnv::new("erased", 1).await;
+    let producer = producer();
+    let key = "ingest-test-pseudonym-key-0123456789";
+    let mut ingest = IngestProcess::spawn(
+        &env,
+        &[
+            ("AUDIT_INGEST__RETENTION__PSEUDONYM_KEY", key),
+            ("AUDIT_INGEST__RETENTION__REFRESH_INTERVAL_MS", "200"),
+        ],
+    );
+    ingest.wait_ready(READY).await;
+    // The erasure, as `audit-api erase` records it (on 2025-06-01).
+    env.client()
+        .query(
+            "INSERT INTO audit_erasures (organization_id, user_id, erasure_id, version, \
+             requested_by, requested_at_ms, state, step, events, finished_at_ms) \
+             VALUES ('org_e', 'u_ada', 'erasure_1', 1, 'dpo', 1748736000000, 'done', 4, 1, 1748736000000)",
+        )
+        .execute()
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let event = |id: &str, at: &str, actor: Value, affected: Value| {
+        serde_json::json!({
+            "id": id, "type": "user.updated", "occurredAt": at, "organizationId": "org_e",
+            "actor": actor, "resource": {"type": "user", "id": "u_ada"},
+            "affectedUser": affected,
+            "changes": [{"field": "email", "oldValue": "ada@old.example", "newValue": "ada@corp.example"}],
+            "context": {"ip": "198.51.100.23", "userAgent": "AdaBrowser/1.0"},
+        })
+    };
+    let ada = serde_json::json!({"id": "u_ada", "type": "user", "email": "ada@corp.example", "name": "Ada Lovelace"});
+    let bob = serde_json::json!({"id": "u_bob", "type": "user", "email": "bob@corp.example"});
+    let before = event(
+        "e-1",
+        "2025-05-01T10:00:00Z",
+        ada.clone(),
+        serde_json::json!({"id": "u_ada", "email": "ada@corp.example"}),
+    );
+    let about = event(
+        "e-2",
+        "2025-05-02T10:00:00Z",
+        bob,
+        serde_json::json!({"id": "u_ada", "email": "ada@corp.example"}),
+    );
+    let after = event(
+        "e-3",
+        "2025-07-01T10:00:00Z",
+        ada,
+        serde_json::json!({"id": "u_ada", "email": "ada@corp.example"}),
+    );
+    publish(&env, &producer, &[before, about, after]).await;
+    env.wait_for_count(3, ARRIVE).await;
+
+    let p = audit_store::retention::Pseudonyms::new(key.as_bytes(), "org_e", "u_ada");
+    let rows: Vec<AuditEventRow> = env
+        .client()
+        .query("SELECT ?fields FROM audit_events FINAL ORDER BY id")
+        .fetch_all()
+        .await
+        .unwrap();
+    let stored: BTreeMap<String, AuditEventRow> = env
+        .stored_messages()
+        .into_iter()
+        .map(|(_, _, row)| (row.id.clone(), row))
+        .collect();
+    for row in [&rows[0], &stored["e-1"]] {
+        assert_eq!(row.actor_email, Some(p.email()));
+        assert_eq!(row.actor_name, Some(p.name()));
+        assert_eq!(row.context_ip, Some(p.ip("198.51.100.23")));
+        assert_eq!(row.context_user_agent, Some(p.user_agent()));
+        assert_eq!(row.affected_user_email, Some(p.email()));
+        assert!(!row.changes.contains("ada@corp.example"), "{}", row.changes);
+    }
+    for row in [&rows[1], &stored["e-2"]] {
+        assert_eq!(row.actor_email.as_deref(), Some("bob@corp.example"));
+        assert_eq!(row.affected_user_email, Some(p.email()));
+    }
+    // Occurred after the erasure: stored as sent.
+    assert_eq!(rows[2].actor_email.as_deref(), Some("ada@corp.example"));
+    assert_eq!(
+        stored["e-3"].actor_email.as_deref(),
+        Some("ada@corp.example")
+    );
+    let facts: Vec<(String, i64)> = env
+        .client()
+        .query("SELECT email, occurred_at_ms FROM directory_users WHERE user_id = 'u_ada' ORDER BY occurred_at_ms")
+        .fetch_all()
+        .await
+        .unwrap();
+    for (email, at) in &facts {
+        if *at < 1_748_736_000_000 {
+            assert_eq!(email, &p.email());
+        }
+    }
+    env.drop_database().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_invalid_messages_stops_the_service_with_a_clear_error() {
     let env = TestEnv::new("ratio", 1).await;

@@ -7,8 +7,12 @@
 //! every other one from every table. A hold's events stay readable past the retention: a hold
 //! exists so that they can be produced.
 
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
 use clickhouse::Row;
 use hmac::{Hmac, Mac};
+use secrecy::{ExposeSecret, SecretString};
 use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
@@ -216,6 +220,171 @@ pub async fn load_erased(
         ))
         .fetch_all()
         .await
+}
+
+/// A person erased (or being erased): their events that occurred up to the erasure are shown
+/// only under pseudonyms wherever they are read again from Kafka (a stream's replay).
+#[derive(Debug, Clone)]
+pub struct ErasedPerson {
+    pub user_id: String,
+    pub erased_at_ms: i64,
+    /// None when this process has no `retention.pseudonym_key`: the person's events are then
+    /// withheld rather than shown.
+    pub pseudonyms: Option<Pseudonyms>,
+    /// Also the events that occurred after the erasure (the ingest's
+    /// `retention.pseudonymize_later_events`).
+    pub later: bool,
+}
+
+impl ErasedPerson {
+    /// Applies the erasure to a row; false when the row must be withheld.
+    pub fn scrub(&self, row: &mut crate::AuditEventRow) -> bool {
+        if row.occurred_at_ms > self.erased_at_ms && !self.later {
+            return true;
+        }
+        match &self.pseudonyms {
+            Some(p) => {
+                p.apply(row);
+                true
+            }
+            None => {
+                let user = self.user_id.as_str();
+                !(row.actor_id == user
+                    || row.affected_user_id.as_deref() == Some(user)
+                    || (row.resource_type == "user" && row.resource_id == user))
+            }
+        }
+    }
+}
+
+/// Every organization's erased persons, re-read with the retention snapshot.
+#[derive(Clone, Default)]
+pub struct ErasedSubjects {
+    key: Option<Arc<SecretString>>,
+    later: bool,
+    loaded: Arc<std::sync::atomic::AtomicBool>,
+    by_organization: Arc<RwLock<HashMap<String, Vec<ErasedPerson>>>>,
+}
+
+impl ErasedSubjects {
+    pub fn new(key: Option<&SecretString>) -> Self {
+        Self {
+            key: key.cloned().map(Arc::new),
+            ..Self::default()
+        }
+    }
+
+    /// Pseudonymizes the persons' later events too, not only those up to their erasure.
+    pub fn with_later_events(mut self, later: bool) -> Self {
+        self.later = later;
+        self
+    }
+
+    pub fn loaded(&self) -> bool {
+        self.loaded.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Whether some person is erased and this process has no key to pseudonymize them.
+    pub fn unkeyed(&self) -> bool {
+        self.key.is_none()
+            && self
+                .by_organization
+                .read()
+                .is_ok_and(|m| m.values().any(|v| !v.is_empty()))
+    }
+
+    pub async fn refresh(
+        &self,
+        client: &clickhouse::Client,
+    ) -> Result<(), clickhouse::error::Error> {
+        let rows = load_erased(client).await?;
+        let mut by_organization: HashMap<String, Vec<ErasedPerson>> = HashMap::new();
+        for (organization_id, user_id, erased_at_ms) in rows {
+            let pseudonyms = self.key.as_ref().map(|key| {
+                Pseudonyms::new(key.expose_secret().as_bytes(), &organization_id, &user_id)
+            });
+            by_organization
+                .entry(organization_id)
+                .or_default()
+                .push(ErasedPerson {
+                    user_id,
+                    erased_at_ms,
+                    pseudonyms,
+                    later: self.later,
+                });
+        }
+        if let Ok(mut slot) = self.by_organization.write() {
+            *slot = by_organization;
+        }
+        self.loaded
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Re-reads the erasures every `every` until `stop`.
+    pub async fn maintain(
+        self,
+        client: clickhouse::Client,
+        every: std::time::Duration,
+        stop: tokio_util::sync::CancellationToken,
+    ) {
+        let mut tick = tokio::time::interval(every);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {
+                    if let Err(err) = self.refresh(&client).await {
+                        tracing::warn!(error = %err, "cannot re-read the erasures; keeping the last ones");
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies every erasure to the rows of one batch before they are stored (the ingest):
+    /// nothing is withheld there, a person's rows are pseudonymized when this process has the
+    /// key. Returns how many rows changed.
+    pub fn apply_all(&self, rows: &mut [crate::AuditEventRow]) -> usize {
+        let Ok(map) = self.by_organization.read() else {
+            return 0;
+        };
+        if map.is_empty() {
+            return 0;
+        }
+        let mut changed = 0;
+        for row in rows {
+            let Some(persons) = map.get(&row.organization_id) else {
+                continue;
+            };
+            for person in persons {
+                let due = row.occurred_at_ms <= person.erased_at_ms || person.later;
+                if let (true, Some(p)) = (due, &person.pseudonyms) {
+                    if p.apply(row) {
+                        changed += 1;
+                    }
+                }
+            }
+        }
+        changed
+    }
+
+    /// The pseudonym email of an erased user, for a fact of the directory stated at `at_ms`.
+    pub fn email_of(&self, organization_id: &str, user_id: &str, at_ms: i64) -> Option<String> {
+        let map = self.by_organization.read().ok()?;
+        let person = map
+            .get(organization_id)?
+            .iter()
+            .find(|p| p.user_id == user_id && (at_ms <= p.erased_at_ms || p.later))?;
+        person.pseudonyms.as_ref().map(Pseudonyms::email)
+    }
+
+    pub fn of(&self, organization_id: &str) -> Vec<ErasedPerson> {
+        self.by_organization
+            .read()
+            .ok()
+            .and_then(|m| m.get(organization_id).cloned())
+            .unwrap_or_default()
+    }
 }
 
 /// The stable pseudonyms of one person of one organization: derived with HMAC-SHA-256 from the

@@ -13,9 +13,8 @@ use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use audit_store::clickhouse;
-use audit_store::retention::{self, HoldRow, Pseudonyms, Visibility};
-use audit_store::AuditEventRow;
-use secrecy::{ExposeSecret, SecretString};
+use audit_store::retention::{self, HoldRow, Visibility};
+pub use audit_store::retention::{ErasedPerson, ErasedSubjects};
 use tokio_util::sync::CancellationToken;
 use tracing::warn;
 
@@ -145,87 +144,6 @@ impl RetentionSnapshot {
     pub fn scope(&self, organization_id: &str, filters: &Filters) -> Result<Filters, ApiError> {
         let visibility = self.visibility(organization_id, retention::now_ms())?;
         Ok(narrow(filters, &visibility))
-    }
-}
-
-/// A person erased (or being erased): their events that occurred up to the erasure are shown
-/// only under pseudonyms wherever they are read again from Kafka (a stream's replay).
-#[derive(Debug, Clone)]
-pub struct ErasedPerson {
-    pub user_id: String,
-    pub erased_at_ms: i64,
-    /// None when this process has no `retention.pseudonym_key`: the person's events are then
-    /// withheld rather than shown.
-    pub pseudonyms: Option<Pseudonyms>,
-}
-
-impl ErasedPerson {
-    /// Applies the erasure to a row; false when the row must be withheld.
-    pub fn scrub(&self, row: &mut AuditEventRow) -> bool {
-        if row.occurred_at_ms > self.erased_at_ms {
-            return true;
-        }
-        match &self.pseudonyms {
-            Some(p) => {
-                p.apply(row);
-                true
-            }
-            None => {
-                let user = self.user_id.as_str();
-                !(row.actor_id == user
-                    || row.affected_user_id.as_deref() == Some(user)
-                    || (row.resource_type == "user" && row.resource_id == user))
-            }
-        }
-    }
-}
-
-/// Every organization's erased persons, re-read with the retention snapshot.
-#[derive(Clone, Default)]
-pub struct ErasedSubjects {
-    key: Option<Arc<SecretString>>,
-    by_organization: Arc<RwLock<HashMap<String, Vec<ErasedPerson>>>>,
-}
-
-impl ErasedSubjects {
-    pub fn new(key: Option<&SecretString>) -> Self {
-        Self {
-            key: key.cloned().map(Arc::new),
-            by_organization: Arc::default(),
-        }
-    }
-
-    pub async fn refresh(
-        &self,
-        client: &clickhouse::Client,
-    ) -> Result<(), clickhouse::error::Error> {
-        let rows = retention::load_erased(client).await?;
-        let mut by_organization: HashMap<String, Vec<ErasedPerson>> = HashMap::new();
-        for (organization_id, user_id, erased_at_ms) in rows {
-            let pseudonyms = self.key.as_ref().map(|key| {
-                Pseudonyms::new(key.expose_secret().as_bytes(), &organization_id, &user_id)
-            });
-            by_organization
-                .entry(organization_id)
-                .or_default()
-                .push(ErasedPerson {
-                    user_id,
-                    erased_at_ms,
-                    pseudonyms,
-                });
-        }
-        if let Ok(mut slot) = self.by_organization.write() {
-            *slot = by_organization;
-        }
-        Ok(())
-    }
-
-    pub fn of(&self, organization_id: &str) -> Vec<ErasedPerson> {
-        self.by_organization
-            .read()
-            .ok()
-            .and_then(|m| m.get(organization_id).cloned())
-            .unwrap_or_default()
     }
 }
 

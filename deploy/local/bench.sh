@@ -4,7 +4,8 @@
 #   ingest -> services/ingest/benches/RESULTS.md  (audit-ingest throughput, freshness, RSS)
 #   api    -> services/api/benches/RESULTS.md     (read latency on 10M events, CSV export)
 #   streams -> services/api/benches/STREAMS.md    (log-stream delivery: throughput, latency, RSS)
-# `make bench` runs all three; `make bench BENCH=api` (or ingest, streams) runs one.
+#   retention -> services/api/benches/RETENTION.md (expiry and erasure on 10M events, read impact)
+# `make bench` runs all four; `make bench BENCH=api` (or ingest, streams, retention) runs one.
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
 which="${1:-all}"
@@ -32,4 +33,7 @@ if [[ "$which" == all || "$which" == api ]]; then
 fi
 if [[ "$which" == all || "$which" == streams ]]; then
   run_bench audit-api stream_delivery services/api/benches/STREAMS.md
+fi
+if [[ "$which" == all || "$which" == retention ]]; then
+  run_bench audit-api retention services/api/benches/RETENTION.md
 fi

@@ -56,7 +56,8 @@ for bad in "api.rateLimit.burst=-1" "clickhouse.compression=gzip" "api.keysRefre
            "ingest.sessionTimeoutMs=1000" "ingest.assignor=sticky" "ingest.liveness.stallAfterMs=5" \
            "kafka.security.protocol=TLS" "kafka.security.saslMechanism=GSSAPI" \
            "kafka.security.saslMechanism=PLAIN" "kafka.security.endpointIdentification=off" \
-           "clickhouse.cluster=bad-name" "clickhouse.clusterNodes={clickhouse-0:8123}"; do
+           "clickhouse.cluster=bad-name" "clickhouse.clusterNodes={clickhouse-0:8123}" \
+           "retention.defaultDays=0" "retention.defaultDays=4000"; do
   if "$helm" template audit "$CHART" --kube-version "${KUBE_VERSIONS[0]}" --set "$bad" >/dev/null 2>&1; then
     die "values.schema.json accepted --set $bad"
   fi

@@ -42,6 +42,8 @@ export AUDIT_API__READ_EVENTS__ENABLED=false
 AUDIT_API__STREAMS__SECRET_KEY="$(python3 -c 'import base64, os; print(base64.b64encode(os.urandom(32)).decode())')"
 export AUDIT_API__STREAMS__SECRET_KEY
 export AUDIT_API__RATE_LIMIT__REQUESTS_PER_SECOND=0
+# The events below date from 2025: held under the longest retention.
+export AUDIT_API__RETENTION__DEFAULT_DAYS=3650
 export AUDIT_API__TELEMETRY__LOG_FILTER=warn
 api_log="$AUDIT_STATE_DIR/fuzz-api.log"
 

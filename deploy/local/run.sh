@@ -55,6 +55,15 @@ if [[ ! -s "$SERVICES_DIR/streams-secret-key" ]]; then
 fi
 AUDIT_API__STREAMS__SECRET_KEY="$(cat "$SERVICES_DIR/streams-secret-key")"
 export AUDIT_API__STREAMS__SECRET_KEY
+# Erasure: a pseudonym key kept across runs (the same person keeps the same pseudonyms), the
+# same for the API, the job and the ingest.
+if [[ ! -s "$SERVICES_DIR/pseudonym-key" ]]; then
+  (umask 077; python3 -c 'import secrets; print(secrets.token_urlsafe(36))' \
+    >"$SERVICES_DIR/pseudonym-key")
+fi
+AUDIT_API__RETENTION__PSEUDONYM_KEY="$(cat "$SERVICES_DIR/pseudonym-key")"
+export AUDIT_API__RETENTION__PSEUDONYM_KEY
+export AUDIT_INGEST__RETENTION__PSEUDONYM_KEY="$AUDIT_API__RETENTION__PSEUDONYM_KEY"
 export AUDIT_API__STREAMS__ALLOW_HTTP=true
 export AUDIT_API__STREAMS__ALLOW_PRIVATE_DESTINATIONS=true
 
@@ -104,6 +113,11 @@ count() {
 demo_arrived() { [[ "$(count)" -ge 400 ]]; }
 wait_until 60 "demo data" demo_arrived || log "demo events still arriving ($(count) of 400)"
 
+# One run of the retention job (the chart runs it daily): demo events are days old, so it
+# removes nothing unless a retention shorter than that was set.
+target/debug/audit-api retention run >"$SERVICES_DIR/retention-run.json" \
+  || log "the retention job failed (see above)"
+
 cat <<MSG
 
   audit-logs is running locally:
@@ -126,6 +140,12 @@ cat <<MSG
   which writes them to $SERVICES_DIR/demo-siem.log ($(wc -l <"$SERVICES_DIR/demo-siem.log" 2>/dev/null || echo 0) so far):
 
     curl -s -H "X-API-Key: \$KEY" 'http://127.0.0.1:$API_PORT/api/v1/organization/audit-log-streams'
+
+  Retention, legal holds and erasure (README "Retention, legal hold and erasure"):
+
+    curl -s -H "X-API-Key: \$KEY" 'http://127.0.0.1:$API_PORT/api/v1/organization/audit-logs/retention'
+    target/debug/audit-api retention set --org org_demo --days 3 --by you && target/debug/audit-api retention run
+    target/debug/audit-api hold place --org org_acme --reason "demo hold" --by you
 
   More events: target/debug/audit-loadgen --count 1000
   More keys:   target/debug/audit-api keys create --org org_acme --role admin

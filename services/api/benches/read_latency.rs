@@ -7,21 +7,21 @@
 //! The data set is generated once into the `audit_bench_read` database and regenerated when it
 //! is more than a day old (pages are anchored at "now", as live audit logs are).
 
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+mod support;
 
 use audit_api::keys::{self, Role};
 use audit_api::query::{Cursor, Filters, SortOrder};
 use audit_store::clickhouse::{self, Row};
 use audit_store::{migrations, ClickHouseConfig};
-use audit_testkit::{clickhouse_url, percentile, release_binary};
+use audit_testkit::{clickhouse_url, percentile};
+use support::{api_get, Api, BIG_ORG, EVENTS};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
 
 const DATABASE: &str = "audit_bench_read";
-const EVENTS: u64 = 10_000_000;
 const DATA_VERSION: u32 = 3;
-const BIG_ORG: &str = "org_big";
 const ITERATIONS: usize = 100;
 const WARM_UPS: usize = 10;
 /// Clients of the mixed paging line, and how long it runs for each side.
@@ -47,8 +47,6 @@ struct DataMeta {
     newest_ms: i64,
 }
 
-const TYPES: &str = "['user.created','user.updated','user.deleted','user.invited','user.logged_in','user.logged_out','user.login_failed','user.password_changed','user.mfa_enabled','team.created','team.updated','team.deleted','team_member.added','team_member.removed','team_member.updated','role.assigned','role.revoked','api_key.created','api_key.revoked','organization.updated','user.suspended','user.reactivated','user.email_changed']";
-
 /// 10M events over the last 365 days: half in `org_big`, the rest over 99 organizations; 1,000
 /// actors per organization, 23 event types, 6 resource types.
 async fn ensure_data(client: &clickhouse::Client) -> i64 {
@@ -72,42 +70,7 @@ async fn ensure_data(client: &clickhouse::Client) -> i64 {
         .await
         .unwrap();
     migrations::apply(&config()).await.unwrap();
-    let year_ms: i64 = 365 * 86_400_000;
-    let start = now - year_ms;
-    for chunk in 0..EVENTS / 1_000_000 {
-        let sql = format!(
-            "INSERT INTO audit_events SELECT
-              if(number % 2 = 0, '{BIG_ORG}', concat('org_', toString(100 + intDiv(number, 2) % 99))),
-              {start} + toInt64(cityHash64(number, 1) % {year_ms}) AS t,
-              concat('evt_', lower(hex(cityHash64(number, 2)))),
-              {TYPES}[cityHash64(number, 3) % 23 + 1],
-              concat('usr_', toString(cityHash64(number, 4) % 1000)), 'user',
-              concat('user', toString(cityHash64(number, 4) % 1000), '@example.com'),
-              concat('User ', toString(cityHash64(number, 4) % 1000)),
-              ['team','user','role','organization','session','api_key'][cityHash64(number, 5) % 6 + 1],
-              concat('res_', toString(cityHash64(number, 6) % 5000)), NULL,
-              concat('usr_', toString(cityHash64(number, 7) % 1000)),
-              concat('user', toString(cityHash64(number, 7) % 1000), '@example.com'),
-              '[{{\"field\":\"role\",\"oldValue\":\"member\",\"newValue\":\"admin\"}}]',
-              '203.0.113.7', 'Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36', concat('req_', toString(number)),
-              'Berlin, DE', '{{\"method\":\"sso\"}}', 'identity.users.v1', 0, number, toUInt64(t + 1000)
-            FROM system.numbers WHERE number >= {} LIMIT 1000000",
-            chunk * 1_000_000
-        );
-        client.query(&sql).execute().await.unwrap();
-    }
-    // Let the background merges settle so that they do not run during the measurements.
-    for table in [
-        "audit_events",
-        "audit_events_by_type",
-        "audit_events_by_actor_email_rows",
-    ] {
-        client
-            .query(&format!("OPTIMIZE TABLE {table} FINAL"))
-            .execute()
-            .await
-            .unwrap();
-    }
+    support::generate(client, now, None).await;
     client
         .query("CREATE TABLE bench_meta (version UInt32, events UInt64, newest_ms Int64) ENGINE = TinyLog")
         .execute()
@@ -122,61 +85,6 @@ async fn ensure_data(client: &clickhouse::Client) -> i64 {
         .await
         .unwrap();
     now
-}
-
-struct Api {
-    child: Child,
-    base: String,
-}
-
-impl Api {
-    async fn start(http: &reqwest::Client) -> Self {
-        Self::start_with(http, &[]).await
-    }
-
-    /// A server with `env` added to its environment (configuration overrides).
-    async fn start_with(http: &reqwest::Client, env: &[(&str, &str)]) -> Self {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new(release_binary("audit-api"))
-            .arg("serve")
-            .env("AUDIT_API__HTTP_LISTEN", format!("127.0.0.1:{port}"))
-            .env("AUDIT_API__CLICKHOUSE__URL", clickhouse_url())
-            .env("AUDIT_API__CLICKHOUSE__DATABASE", DATABASE)
-            .env("AUDIT_API__CLICKHOUSE__COMPRESSION", "none")
-            .env("AUDIT_API__READ_EVENTS__ENABLED", "false")
-            .env("AUDIT_API__RATE_LIMIT__REQUESTS_PER_SECOND", "0")
-            .env("AUDIT_API__TELEMETRY__LOG_FILTER", "warn")
-            // The data set spans the last 365 days as of its generation, which may be older.
-            .env("AUDIT_API__RETENTION__DEFAULT_DAYS", "3650")
-            .envs(env.iter().copied())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let base = format!("http://127.0.0.1:{port}");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !matches!(http.get(format!("{base}/readyz")).send().await, Ok(r) if r.status().is_success())
-        {
-            assert!(Instant::now() < deadline, "audit-api did not become ready");
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        Self { child, base }
-    }
-
-    fn peak_rss_mb(&self) -> f64 {
-        let kb = audit_testkit::proc_status_kb(self.child.id(), "VmHWM").expect("audit-api runs");
-        kb as f64 / 1024.0
-    }
-}
-
-impl Drop for Api {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// p50 and p99 in milliseconds of `ITERATIONS` runs after `WARM_UPS` (a serving process is warm:
@@ -197,16 +105,6 @@ where
     }
     times.sort_by(f64::total_cmp);
     (percentile(&times, 0.5), percentile(&times, 0.99))
-}
-
-async fn api_get(http: &reqwest::Client, url: &str, key: &str) -> Vec<u8> {
-    let response = http.get(url).header("X-API-Key", key).send().await.unwrap();
-    assert!(
-        response.status().is_success(),
-        "{url}: {}",
-        response.status()
-    );
-    response.bytes().await.unwrap().to_vec()
 }
 
 /// The straightforward SQL over ClickHouse's HTTP interface.
@@ -406,7 +304,7 @@ async fn main() {
         },
     ];
 
-    let api = Api::start(&http).await;
+    let api = Api::start(&http, DATABASE, &[]).await;
     let mut rows = Vec::new();
     for case in &cases {
         eprintln!("bench: {}", case.name);
@@ -486,8 +384,8 @@ async fn main() {
     // default (one query sorted by ClickHouse) and time windows ordered by the service.
     let export_from = newest - 73 * 86_400_000;
     let windowed =
-        Api::start_with(&http, &[("AUDIT_API__QUERY__EXPORT_WINDOW_ROWS", "32768")]).await;
-    let one_query = Api::start(&http).await;
+        Api::start(&http, DATABASE, &[("AUDIT_API__QUERY__EXPORT_WINDOW_ROWS", "32768")]).await;
+    let one_query = Api::start(&http, DATABASE, &[]).await;
     eprintln!("bench: CSV export");
     let export_query = format!(
         "/api/v1/organization/audit-logs/export?format=csv&from={}",

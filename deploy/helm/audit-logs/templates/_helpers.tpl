@@ -211,3 +211,15 @@ otlp_endpoint = {{ .Values.telemetry.otlpEndpoint | quote }}
       key: {{ $key.key }}
 {{- end }}
 {{- end -}}
+
+{{/* The pseudonym key's environment variable (prefix AUDIT_API or AUDIT_INGEST). */}}
+{{- define "audit-logs.pseudonymKeyEnv" -}}
+{{- $key := .root.Values.retention.pseudonymKey -}}
+{{- if or $key.create $key.existingSecret }}
+- name: {{ .prefix }}__RETENTION__PSEUDONYM_KEY
+  valueFrom:
+    secretKeyRef:
+      name: {{ $key.existingSecret | default (printf "%s-pseudonyms" (include "audit-logs.fullname" .root)) }}
+      key: {{ $key.key }}
+{{- end }}
+{{- end -}}

@@ -10,7 +10,7 @@ run: ## Whole system locally (stack, migrations, services, demo data); Ctrl-C st
 test: ## Every test, against a real Kafka and ClickHouse started (and stopped) as needed
 	@$(LOCAL)/test.sh
 
-bench: ## Benchmarks (release build): ingest and read API; BENCH=ingest|api|streams runs one. Tables kept in services/*/benches/RESULTS.md and STREAMS.md
+bench: ## Benchmarks (release build): ingest, read API, streams, retention; BENCH=ingest|api|streams|retention runs one. Tables kept in services/*/benches/RESULTS.md, STREAMS.md and RETENTION.md
 	@$(LOCAL)/bench.sh $(or $(BENCH),all)
 
 lint: ## Formatting and clippy, warnings are errors

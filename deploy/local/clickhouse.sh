@@ -34,6 +34,8 @@ write_config() {
   <max_concurrent_queries>100</max_concurrent_queries>
   <mark_cache_size>268435456</mark_cache_size>
   <uncompressed_cache_size>268435456</uncompressed_cache_size>
+  <!-- Merges and mutations (the retention job's deletes and erasures) yield the CPU to queries. -->
+  <os_threads_nice_value_merge_mutate>19</os_threads_nice_value_merge_mutate>
 ${AUDIT_CLICKHOUSE_REMOTE_SERVERS:+  <remote_servers>$AUDIT_CLICKHOUSE_REMOTE_SERVERS</remote_servers>}
 </clickhouse>
 XML

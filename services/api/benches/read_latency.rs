@@ -16,9 +16,9 @@ use audit_api::query::{Cursor, Filters, SortOrder};
 use audit_store::clickhouse::{self, Row};
 use audit_store::{migrations, ClickHouseConfig};
 use audit_testkit::{clickhouse_url, percentile};
-use support::{api_get, Api, BIG_ORG, EVENTS};
 use secrecy::ExposeSecret;
 use serde::{Deserialize, Serialize};
+use support::{api_get, Api, BIG_ORG, EVENTS};
 
 const DATABASE: &str = "audit_bench_read";
 const DATA_VERSION: u32 = 3;
@@ -383,8 +383,12 @@ async fn main() {
     // Export: about 1,000,000 rows of org_big, in fresh processes for clean RSS figures: the
     // default (one query sorted by ClickHouse) and time windows ordered by the service.
     let export_from = newest - 73 * 86_400_000;
-    let windowed =
-        Api::start(&http, DATABASE, &[("AUDIT_API__QUERY__EXPORT_WINDOW_ROWS", "32768")]).await;
+    let windowed = Api::start(
+        &http,
+        DATABASE,
+        &[("AUDIT_API__QUERY__EXPORT_WINDOW_ROWS", "32768")],
+    )
+    .await;
     let one_query = Api::start(&http, DATABASE, &[]).await;
     eprintln!("bench: CSV export");
     let export_query = format!(

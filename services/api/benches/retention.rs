@@ -54,12 +54,20 @@ async fn read_load(
         let (http, base, keys, stop) = (http.clone(), base.clone(), keys.clone(), stop.clone());
         clients.push(tokio::spawn(async move {
             let urls = [
-                (format!("{base}/api/v1/organization/audit-logs?limit=50"), &keys.0),
                 (
-                    format!("{base}/api/v1/organization/audit-logs?limit=50&eventType=user.logged_in"),
+                    format!("{base}/api/v1/organization/audit-logs?limit=50"),
                     &keys.0,
                 ),
-                (format!("{base}/api/v1/organization/audit-logs?limit=50"), &keys.1),
+                (
+                    format!(
+                        "{base}/api/v1/organization/audit-logs?limit=50&eventType=user.logged_in"
+                    ),
+                    &keys.0,
+                ),
+                (
+                    format!("{base}/api/v1/organization/audit-logs?limit=50"),
+                    &keys.1,
+                ),
             ];
             let mut times = Vec::new();
             let mut n = client;
@@ -159,6 +167,32 @@ async fn main() {
     })
     .await;
 
+    // Erase the person of 100,000 events.
+    let subject_sql = "SELECT count() FROM audit_events WHERE organization_id = 'org_big' \
+                       AND actor_id = 'usr_subject'";
+    let subject_events = count(&client, subject_sql).await;
+    let (erased, erase_time, during_erasure) = under_load(&http, &api, &keys, async {
+        operator
+            .erase(BIG_ORG, "usr_subject", "bench")
+            .await
+            .unwrap()
+    })
+    .await;
+    let still = count(
+        &client,
+        "SELECT count() FROM audit_events_by_actor_email_rows WHERE \
+         positionCaseInsensitive(ifNull(actor_email, ''), 'subject@example.com') > 0 \
+         OR actor_email_key = 'subject@example.com'",
+    )
+    .await
+        + count(
+            &client,
+            "SELECT count() FROM audit_events WHERE ifNull(actor_email, '') = 'subject@example.com' \
+             OR ifNull(context_ip, '') = '198.51.100.77'",
+        )
+        .await;
+    assert_eq!(still, 0, "the erased person's values are still stored");
+
     // Expire the oldest month of org_big: a retention of 335 days on a year of events.
     let cutoff = now - 335 * DAY_MS;
     let month_sql = |table: &str| {
@@ -192,34 +226,13 @@ async fn main() {
     }
     assert_eq!(left, 0, "expired rows left after the job");
 
-    // Erase the person of 100,000 events.
-    let subject_sql = "SELECT count() FROM audit_events WHERE organization_id = 'org_big' \
-                       AND actor_id = 'usr_subject'";
-    let subject_events = count(&client, subject_sql).await;
-    let (erased, erase_time, during_erasure) = under_load(&http, &api, &keys, async {
-        operator
-            .erase(BIG_ORG, "usr_subject", "bench")
-            .await
-            .unwrap()
-    })
-    .await;
-    let still = count(
-        &client,
-        "SELECT count() FROM audit_events_by_actor_email_rows WHERE \
-         positionCaseInsensitive(ifNull(actor_email, ''), 'subject@example.com') > 0 \
-         OR actor_email_key = 'subject@example.com'",
-    )
-    .await
-        + count(
-            &client,
-            "SELECT count() FROM audit_events WHERE ifNull(actor_email, '') = 'subject@example.com' \
-             OR ifNull(context_ip, '') = '198.51.100.77'",
-        )
-        .await;
-    assert_eq!(still, 0, "the erased person's values are still stored");
-
     // The mechanisms alone, on the events table: the next two months of org_big, one each way.
-    let month = |k: i64| (now - (335 - 30 * (k - 1)) * DAY_MS, now - (335 - 30 * k) * DAY_MS);
+    let month = |k: i64| {
+        (
+            now - (335 - 30 * (k - 1)) * DAY_MS,
+            now - (335 - 30 * k) * DAY_MS,
+        )
+    };
     let (a_from, a_to) = month(1);
     let (b_from, b_to) = month(2);
     let mutation_rows = count(
@@ -264,13 +277,16 @@ async fn main() {
     println!(
         "ClickHouse {version}, {EVENTS} events (5,000,000 in {BIG_ORG}, over a year), {CLIENTS} clients reading \
          through the release audit-api throughout (the big organization's first page with its total, the \
-         same filtered by event type, a small organization's first page), {} removed.",
+         same filtered by event type, a small organization's first page), run on {}.",
         chrono::Utc::now().format("%Y-%m-%d")
     );
     println!();
     println!("| line | figure | reference |");
     println!("|---|---:|---|");
-    println!("| reads on the idle store, p50 / p99 | {} | the reference line |", p(&idle));
+    println!(
+        "| reads on the idle store, p50 / p99 | {} | the reference line |",
+        p(&idle)
+    );
     println!(
         "| expire one month of {BIG_ORG}: the retention job, every table ({to_expire} events; {} reported) | **{:.1} s** | removal bound: 24 h |",
         report.removed_events,

@@ -136,12 +136,16 @@ impl Job {
     }
 
     /// A client of `server` for the job's statements: mutations waited for on every replica,
-    /// up to the job's time limit.
+    /// up to the job's time limit, and the job's own queries at the lowest CPU priority (Linux
+    /// nice 19; a no-op on a server without CAP_SYS_NICE), so that reads keep theirs. The
+    /// mutations themselves run in the server's background pool: its
+    /// `os_threads_nice_value_merge_mutate` (README) does the same for them.
     fn client_of(&self, server: &ClickHouseConfig) -> clickhouse::Client {
         server
             .client()
             .with_setting("max_execution_time", self.timeout_seconds.to_string())
             .with_setting("mutations_sync", "2")
+            .with_setting("os_thread_priority", "19")
     }
 
     pub(super) fn client(&self) -> clickhouse::Client {

@@ -527,44 +527,49 @@ fn cast(org: &str) -> Cast {
 }
 
 /// (table, column) pairs of the database whose text holds `needle` in a row of `org` (every
-/// table with an organization column), or anywhere (every other table), case-insensitively.
+/// table with an organization column), or anywhere (every other table), case-insensitively: on
+/// every server of the layout (each shard's own tables too).
 async fn search_everywhere(api: &TestApi, org: &str, needle: &str) -> Vec<(String, String)> {
-    let columns: Vec<(String, String, String)> = api
-        .client()
-        .query(
-            "SELECT table, name, type FROM system.columns WHERE database = currentDatabase() \
-             AND table IN (SELECT name FROM system.tables WHERE database = currentDatabase() \
-             AND engine LIKE '%MergeTree%')",
-        )
-        .fetch_all()
-        .await
-        .unwrap();
-    let with_org: BTreeSet<String> = columns
-        .iter()
-        .filter(|(_, name, _)| name == "organization_id")
-        .map(|(table, _, _)| table.clone())
-        .collect();
-    let mut found = Vec::new();
-    for (table, column, _) in &columns {
-        let scope = if with_org.contains(table) {
-            "organization_id = ?"
-        } else {
-            "? = ?"
-        };
-        let query = api.client().query(&format!(
-            "SELECT count() FROM {table} WHERE {scope} AND positionCaseInsensitiveUTF8(toString({column}), ?) > 0"
-        ));
-        let query = if with_org.contains(table) {
-            query.bind(org)
-        } else {
-            query.bind(org).bind(org)
-        };
-        let n: u64 = query.bind(needle).fetch_one().await.unwrap();
-        if n > 0 {
-            found.push((table.clone(), column.clone()));
+    let mut found = BTreeSet::new();
+    for server in audit_testkit::servers(&api.clickhouse) {
+        let client = server.client();
+        let columns: Vec<(String, String)> = client
+            .query(
+                "SELECT table, name FROM system.columns WHERE database = currentDatabase() \
+                 AND table IN (SELECT name FROM system.tables WHERE database = currentDatabase() \
+                 AND engine LIKE '%MergeTree%')",
+            )
+            .fetch_all()
+            .await
+            .unwrap();
+        let with_org: BTreeSet<String> = columns
+            .iter()
+            .filter(|(_, name)| name == "organization_id")
+            .map(|(table, _)| table.clone())
+            .collect();
+        for (table, column) in &columns {
+            let scoped = with_org.contains(table);
+            let scope = if scoped {
+                "organization_id = ?"
+            } else {
+                "? != ''"
+            };
+            let n: u64 = client
+                .query(&format!(
+                    "SELECT count() FROM {table} WHERE {scope} \
+                     AND positionCaseInsensitiveUTF8(toString({column}), ?) > 0"
+                ))
+                .bind(org)
+                .bind(needle)
+                .fetch_one()
+                .await
+                .unwrap();
+            if n > 0 {
+                found.insert((table.clone(), column.clone()));
+            }
         }
     }
-    found
+    found.into_iter().collect()
 }
 
 async fn erasure_fixture(name: &str) -> (StreamsEnv, TestApi, Cast) {

@@ -577,11 +577,12 @@ impl<'a> Eraser<'a> {
         let o = s.text(organization_id);
         let keys = s.texts(all.into_iter().collect());
         s.sql = format!(
-            "INSERT INTO {table} SELECT {select} FROM {EVENTS_TABLE} \
+            "INSERT INTO {table} SELECT {select} FROM {events} \
              WHERE organization_id = {o} AND lowerUTF8(ifNull(actor_email, '')) IN {keys} \
              AND (occurred_at_ms, id) GLOBAL NOT IN (SELECT occurred_at_ms, id FROM {table} \
              WHERE organization_id = {o} AND {key_column} IN {keys})",
-            table = copy.table,
+            table = self.job.qualified(copy.table),
+            events = self.job.qualified(EVENTS_TABLE),
             select = copy.select,
         );
         s.bind(self.job.client().query(&s.sql)).execute().await?;

@@ -179,6 +179,12 @@ impl Job {
         Ok(())
     }
 
+    /// `<database>.<table>`: a statement that reaches other servers (a `Distributed` table's
+    /// `GLOBAL IN` subquery) names its tables with their database.
+    pub(super) fn qualified(&self, table: &str) -> String {
+        format!("{}.{table}", self.clickhouse.database)
+    }
+
     /// Every table holding an organization's events or facts about its people.
     pub(super) fn event_tables() -> impl Iterator<Item = &'static str> {
         std::iter::once(EVENTS_TABLE).chain(COPY_TABLES.iter().map(|c| c.table))

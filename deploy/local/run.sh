@@ -87,7 +87,7 @@ wait_until 60 "the stream worker" curl -fs "http://127.0.0.1:$STREAMS_PORT/ready
 # The demo SIEM: org_demo's webhook stream delivers to it (created once, kept across runs).
 python3 "$LOCAL_DIR/demo-receiver.py" "$RECEIVER_PORT" "$SERVICES_DIR/demo-siem.log" &
 service_pids+=($!)
-if ! target/debug/audit-api streams list --org org_demo | grep -q '"name": "make run demo"'; then
+if ! target/debug/audit-api streams list --org org_demo | grep '"name": "make run demo"' >/dev/null; then
   target/debug/audit-api streams create --org org_demo --json \
     "{\"name\": \"make run demo\", \"destination\": {\"type\": \"webhook\", \"url\": \"http://127.0.0.1:$RECEIVER_PORT/\"}}" \
     >"$SERVICES_DIR/demo-stream.json"

@@ -32,12 +32,7 @@ const EXPORT_ROWS_TARGET: u64 = 1_000_000;
 const EXPORT_RUNS: usize = 3;
 
 fn config() -> ClickHouseConfig {
-    ClickHouseConfig {
-        url: clickhouse_url(),
-        database: DATABASE.to_owned(),
-        compression: audit_store::Compression::None,
-        ..ClickHouseConfig::default()
-    }
+    support::config(DATABASE)
 }
 
 #[derive(Debug, Row, Serialize, Deserialize)]

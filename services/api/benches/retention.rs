@@ -16,7 +16,7 @@ use audit_api::config::ApiConfig;
 use audit_api::keys::{self, Role};
 use audit_api::retention::commands::Operator;
 use audit_store::{clickhouse, migrations, ClickHouseConfig};
-use audit_testkit::{clickhouse_url, percentile};
+use audit_testkit::percentile;
 use secrecy::ExposeSecret;
 
 mod support;
@@ -32,12 +32,7 @@ const IDLE_SECONDS: u64 = 20;
 const CLIENTS: usize = 2;
 
 fn config() -> ClickHouseConfig {
-    ClickHouseConfig {
-        url: clickhouse_url(),
-        database: DATABASE.to_owned(),
-        compression: audit_store::Compression::None,
-        ..ClickHouseConfig::default()
-    }
+    support::config(DATABASE)
 }
 
 /// Latencies (ms) of the read mix, looped by `CLIENTS` clients until `stop`: the big

@@ -194,9 +194,7 @@ pub async fn write_hold(
     client: &clickhouse::Client,
     row: &HoldRow,
 ) -> Result<(), clickhouse::error::Error> {
-    let mut insert = client.insert::<HoldRow>(HOLDS_TABLE).await?;
-    insert.write(row).await?;
-    insert.end().await
+    write_one(client, HOLDS_TABLE, row).await
 }
 
 /// Writes one version of an organization's retention.
@@ -204,7 +202,19 @@ pub async fn write_policy(
     client: &clickhouse::Client,
     row: &PolicyRow,
 ) -> Result<(), clickhouse::error::Error> {
-    let mut insert = client.insert::<PolicyRow>(POLICIES_TABLE).await?;
+    write_one(client, POLICIES_TABLE, row).await
+}
+
+/// Inserts one row into `table`.
+pub async fn write_one<T>(
+    client: &clickhouse::Client,
+    table: &str,
+    row: &T,
+) -> Result<(), clickhouse::error::Error>
+where
+    T: for<'a> clickhouse::Row<Value<'a> = T> + clickhouse::RowWrite,
+{
+    let mut insert = client.insert::<T>(table).await?;
     insert.write(row).await?;
     insert.end().await
 }

@@ -6,12 +6,22 @@
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use audit_store::clickhouse;
+use audit_store::{clickhouse, ClickHouseConfig};
 use audit_testkit::{clickhouse_url, release_binary};
 
 pub const EVENTS: u64 = 10_000_000;
 pub const BIG_ORG: &str = "org_big";
 pub const YEAR_MS: i64 = 365 * 86_400_000;
+
+/// The local ClickHouse's `database`, uncompressed (the server is on this machine).
+pub fn config(database: &str) -> ClickHouseConfig {
+    ClickHouseConfig {
+        url: clickhouse_url(),
+        database: database.to_owned(),
+        compression: audit_store::Compression::None,
+        ..ClickHouseConfig::default()
+    }
+}
 
 const TYPES: &str = "['user.created','user.updated','user.deleted','user.invited','user.logged_in','user.logged_out','user.login_failed','user.password_changed','user.mfa_enabled','team.created','team.updated','team.deleted','team_member.added','team_member.removed','team_member.updated','role.assigned','role.revoked','api_key.created','api_key.revoked','organization.updated','user.suspended','user.reactivated','user.email_changed']";
 

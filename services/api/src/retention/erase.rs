@@ -590,10 +590,7 @@ impl<'a> Eraser<'a> {
     }
 
     async fn record(&self, row: &ErasureRow) -> Result<(), JobError> {
-        let client = self.job.client();
-        let mut insert = client.insert::<ErasureRow>(ERASURES_TABLE).await?;
-        insert.write(row).await?;
-        insert.end().await?;
+        retention::write_one(&self.job.client(), ERASURES_TABLE, row).await?;
         Ok(())
     }
 

@@ -204,22 +204,15 @@ impl Job {
             ),
             Err(err) => (0, 0, err.to_string()),
         };
-        let client = self.client();
-        let record = async {
-            let mut insert = client.insert::<RunRow>(RUNS_TABLE).await?;
-            insert
-                .write(&RunRow {
-                    run_id: run_id.clone(),
-                    started_at_ms: started,
-                    finished_at_ms: finished,
-                    organizations,
-                    removed_rows: removed,
-                    error,
-                })
-                .await?;
-            insert.end().await
+        let run = RunRow {
+            run_id: run_id.clone(),
+            started_at_ms: started,
+            finished_at_ms: finished,
+            organizations,
+            removed_rows: removed,
+            error,
         };
-        record.await?;
+        retention::write_one(&self.client(), RUNS_TABLE, &run).await?;
         let organizations = result?;
         info!(%run_id, organizations = organizations.len(), removed_events = removed, "retention run finished");
         Ok(PurgeReport {

@@ -177,6 +177,18 @@ impl<'a> Eraser<'a> {
         by: &str,
         last: u32,
     ) -> Result<ErasureView, JobError> {
+        self.erase_inner(organization_id, user_id, by, last)
+            .await
+            .map_err(JobError::redacted)
+    }
+
+    async fn erase_inner(
+        &self,
+        organization_id: &str,
+        user_id: &str,
+        by: &str,
+        last: u32,
+    ) -> Result<ErasureView, JobError> {
         if organization_id.trim().is_empty() || user_id.trim().is_empty() {
             return Err(JobError::Refused(
                 "--org and --user must not be empty".into(),
@@ -228,7 +240,11 @@ impl<'a> Eraser<'a> {
         let mut done = Vec::new();
         for row in self.running().await? {
             let pseudonyms = self.pseudonyms(&row.organization_id, &row.user_id)?;
-            done.push(self.run(row, &pseudonyms, LAST_STEP).await?);
+            let view = self
+                .run(row, &pseudonyms, LAST_STEP)
+                .await
+                .map_err(JobError::redacted)?;
+            done.push(view);
         }
         Ok(done)
     }

@@ -32,6 +32,29 @@ pub enum JobError {
     Refused(String),
     #[error("clickhouse: {0}")]
     Store(#[from] clickhouse::error::Error),
+    /// A ClickHouse failure of an erasure, without the server's message: it quotes the
+    /// statement, whose values are the person's data.
+    #[error(
+        "clickhouse failed during the erasure ({0}); its message is not shown because it quotes \
+         the person's values. The job stays running: run the command again, or the next \
+         `retention run` finishes it"
+    )]
+    Erasure(String),
+}
+
+impl JobError {
+    /// This error with ClickHouse's message replaced by its kind and exception code.
+    pub fn redacted(self) -> Self {
+        match self {
+            JobError::Store(err) => {
+                JobError::Erasure(match audit_store::exception_code(&err.to_string()) {
+                    Some(code) => format!("exception code {code}"),
+                    None => format!("{:?}", audit_store::classify(&err)),
+                })
+            }
+            other => other,
+        }
+    }
 }
 
 /// A statement with its bound values (`{p0:String}` in the text, `param_p0` beside it).
@@ -327,6 +350,19 @@ fn expired_clause(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_erasure_error_names_the_code_and_never_the_values() {
+        let err = JobError::Store(clickhouse::error::Error::BadResponse(
+            "Code: 60. DB::Exception: Unknown table (SELECT 1 WHERE email = 'ada@corp.example')"
+                .into(),
+        ));
+        let text = err.redacted().to_string();
+        assert!(text.contains("exception code 60"), "{text}");
+        assert!(!text.contains("ada@corp"), "{text}");
+        let refused = JobError::Refused("under a legal hold".into()).redacted();
+        assert_eq!(refused.to_string(), "under a legal hold");
+    }
 
     #[test]
     fn the_clause_names_each_organization_with_its_bound_and_gaps_as_parameters() {

@@ -308,6 +308,12 @@ impl ErasedSubjects {
         client: &clickhouse::Client,
     ) -> Result<(), clickhouse::error::Error> {
         let rows = load_erased(client).await?;
+        self.replace(rows);
+        Ok(())
+    }
+
+    /// Replaces the known erasures by `rows` (organization, user id, erased at).
+    pub fn replace(&self, rows: Vec<(String, String, i64)>) {
         let mut by_organization: HashMap<String, Vec<ErasedPerson>> = HashMap::new();
         for (organization_id, user_id, erased_at_ms) in rows {
             let pseudonyms = self.key.as_ref().map(|key| {
@@ -328,7 +334,6 @@ impl ErasedSubjects {
         }
         self.loaded
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        Ok(())
     }
 
     /// Re-reads the erasures every `every` until `stop`.
@@ -604,6 +609,44 @@ mod tests {
         assert!(a.is_pseudonym(&a.name()));
         assert!(a.is_pseudonym(&a.ip("10.0.0.1")));
         assert!(!a.is_pseudonym("10.0.0.1"));
+    }
+
+    #[test]
+    fn the_ingest_pseudonymizes_events_up_to_the_erasure_and_later_ones_only_when_asked() {
+        let key: SecretString = "k".to_owned().into();
+        let row = |at: i64| crate::AuditEventRow {
+            organization_id: "org".into(),
+            occurred_at_ms: at,
+            actor_id: "usr_ada".into(),
+            actor_email: Some("ada@x.example".into()),
+            ..Default::default()
+        };
+        let p = Pseudonyms::new(b"k", "org", "usr_ada");
+        for (later, want_after) in [
+            (false, Some("ada@x.example".to_owned())),
+            (true, Some(p.email())),
+        ] {
+            let subjects = ErasedSubjects::new(Some(&key)).with_later_events(later);
+            subjects.replace(vec![("org".into(), "usr_ada".into(), 100)]);
+            let mut rows = vec![
+                row(100),
+                row(101),
+                crate::AuditEventRow {
+                    organization_id: "other".into(),
+                    ..row(1)
+                },
+            ];
+            subjects.apply_all(&mut rows);
+            assert_eq!(rows[0].actor_email, Some(p.email()));
+            assert_eq!(rows[1].actor_email, want_after, "later = {later}");
+            assert_eq!(rows[2].actor_email.as_deref(), Some("ada@x.example"));
+            assert_eq!(subjects.email_of("org", "usr_ada", 50), Some(p.email()));
+        }
+        let unkeyed = ErasedSubjects::new(None);
+        unkeyed.replace(vec![("org".into(), "usr_ada".into(), 100)]);
+        assert!(unkeyed.unkeyed());
+        let mut rows = vec![row(1)];
+        assert_eq!(unkeyed.apply_all(&mut rows), 0);
     }
 
     #[test]

@@ -119,6 +119,19 @@ CFG
     wait_until 60 "clickhouse-server $i" curl -fs "http://127.0.0.1:$((HTTP_BASE + i))/ping" \
       || die "clickhouse-server $i did not start (log: $DIR/server$i/log/server.err.log)"
   done
+  # Answering /ping is not taking part in distributed DDL: every server's DDL worker must have
+  # registered in ZooKeeper and run a task, or the tests' first ON CLUSTER statements wait out
+  # distributed_ddl_task_timeout on a loaded machine (seen in CI as "N unfinished hosts").
+  wait_until 180 "distributed DDL on every server" ddl_round_trip \
+    || die "the servers did not all run a distributed DDL task within 180 s (logs: $DIR/server*/log/)"
+  curl -fs "http://127.0.0.1:$((HTTP_BASE + 1))/?distributed_ddl_task_timeout=60" \
+    --data-binary "DROP DATABASE IF EXISTS ddl_warmup ON CLUSTER $CLUSTER" >/dev/null || true
+  log "every server runs distributed DDL"
+}
+
+ddl_round_trip() {
+  curl -fs "http://127.0.0.1:$((HTTP_BASE + 1))/?distributed_ddl_task_timeout=20" \
+    --data-binary "CREATE DATABASE IF NOT EXISTS ddl_warmup ON CLUSTER $CLUSTER" >/dev/null
 }
 
 stop() {

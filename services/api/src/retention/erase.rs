@@ -363,48 +363,48 @@ impl<'a> Eraser<'a> {
     ) -> Result<Known, JobError> {
         let client = self.job.client();
         let mut known = Known::default();
-        type Values = (
-            Option<String>,
-            Option<String>,
-            Option<String>,
-            Option<String>,
-        );
+        // One scan per table: the values of the rows where the person acted, was affected or
+        // is the resource, each kind in an array of its own.
+        #[derive(Row, Deserialize)]
+        struct Values {
+            emails: Vec<String>,
+            names: Vec<String>,
+            ips: Vec<String>,
+            agents: Vec<String>,
+            affected: Vec<String>,
+            named: Vec<String>,
+        }
         for table in [EVENTS_TABLE, ROWS_COPY] {
-            let acted: Vec<Values> = client
+            let values: Values = client
                 .query(&format!(
-                    "SELECT DISTINCT actor_email, actor_name, context_ip, context_user_agent \
-                     FROM {table} WHERE organization_id = ? AND actor_id = ?"
+                    "SELECT \
+                     groupUniqArrayIf(assumeNotNull(actor_email), actor_id = ? AND actor_email IS NOT NULL), \
+                     groupUniqArrayIf(assumeNotNull(actor_name), actor_id = ? AND actor_name IS NOT NULL), \
+                     groupUniqArrayIf(assumeNotNull(context_ip), actor_id = ? AND context_ip IS NOT NULL), \
+                     groupUniqArrayIf(assumeNotNull(context_user_agent), actor_id = ? AND context_user_agent IS NOT NULL), \
+                     groupUniqArrayIf(assumeNotNull(affected_user_email), affected_user_id = ? AND affected_user_email IS NOT NULL), \
+                     groupUniqArrayIf(assumeNotNull(resource_name), resource_type = 'user' AND resource_id = ? AND resource_name IS NOT NULL) \
+                     FROM {table} WHERE organization_id = ? \
+                     AND (actor_id = ? OR affected_user_id = ? OR (resource_type = 'user' AND resource_id = ?))"
                 ))
+                .bind(user_id)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(user_id)
+                .bind(user_id)
                 .bind(organization_id)
                 .bind(user_id)
-                .fetch_all()
-                .await?;
-            for (email, name, ip, agent) in acted {
-                known.emails.extend(email);
-                known.names.extend(name);
-                known.ips.extend(ip);
-                known.user_agents.extend(agent);
-            }
-            let affected: Vec<Option<String>> = client
-                .query(&format!(
-                    "SELECT DISTINCT affected_user_email FROM {table} \
-                     WHERE organization_id = ? AND affected_user_id = ?"
-                ))
-                .bind(organization_id)
                 .bind(user_id)
-                .fetch_all()
-                .await?;
-            known.emails.extend(affected.into_iter().flatten());
-            let named: Vec<Option<String>> = client
-                .query(&format!(
-                    "SELECT DISTINCT resource_name FROM {table} \
-                     WHERE organization_id = ? AND resource_type = 'user' AND resource_id = ?"
-                ))
-                .bind(organization_id)
                 .bind(user_id)
-                .fetch_all()
+                .fetch_one()
                 .await?;
-            for name in named.into_iter().flatten() {
+            known.emails.extend(values.emails);
+            known.names.extend(values.names);
+            known.ips.extend(values.ips);
+            known.user_agents.extend(values.agents);
+            known.emails.extend(values.affected);
+            for name in values.named {
                 if name.contains('@') {
                     known.emails.insert(name);
                 } else {
